@@ -1,0 +1,282 @@
+"""Group convolutions: one small filter bank, stacked in every orientation of the group.
+
+Channel layout used by every layer in this package ("field-major"): a tensor of ``F`` regular
+feature fields over a group G has ``F * |G|`` channels, and channel ``c * |G| + g`` holds field c at
+orientation g. A group element h acts on such a tensor by moving pixels (p -> h p) and permuting
+orientations (new[g] = old[h^-1 g]).
+
+- ``LiftingConv2D``: ordinary image (any channels) -> ``filters`` fields over G.
+- ``GroupConv2D``: fields over G -> ``filters`` fields over G.
+
+``call`` expands the small base kernel with one gather (plus one einsum for groups whose rotations
+are interpolated) and runs a single ``tf.nn.conv2d``, so the conv itself is the cost, and the layer
+traces cleanly inside ``tf.vectorized_map`` and XLA. The expanded kernel is a local, never cached
+on the layer: a cache would go stale under the optimizer and is unsafe under tracing.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from layers import groups as groups_lib
+from layers import kernels
+
+
+def _normalize_kernel_size(kernel_size):
+    if isinstance(kernel_size, (tuple, list)):
+        if len(kernel_size) != 2 or kernel_size[0] != kernel_size[1]:
+            raise ValueError(f"kernel_size must be an int or a square (k, k) pair, got {kernel_size!r}")
+        kernel_size = kernel_size[0]
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, (int, np.integer)) or kernel_size < 1:
+        raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
+    if kernel_size % 2 == 0:
+        raise ValueError(
+            f"kernel_size must be odd, got {kernel_size}: an even filter has no centre pixel, so rotating "
+            "it about the grid moves it off the pixel lattice"
+        )
+    return int(kernel_size)
+
+
+def _normalize_positive_int(name, value):
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name} must be an int or an equal (s, s) pair, got {value!r}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class _GroupConvBase(tf.keras.layers.Layer):
+    """Argument handling, padding rules and the conv shared by lifting and group-to-group convs."""
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        group="C4",
+        strides=1,
+        padding="same",
+        use_bias=True,
+        kernel_initializer="he_normal",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(filters, bool) or not isinstance(filters, (int, np.integer)) or filters < 1:
+            raise ValueError(f"filters (number of output fields) must be a positive int, got {filters!r}")
+        self.filters = int(filters)
+        self.kernel_size = _normalize_kernel_size(kernel_size)
+        self.group = groups_lib.get(group)
+        self.strides = _normalize_positive_int("strides", strides)
+        padding = str(padding).lower()
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+        self.padding = padding
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)
+        self.bias_initializer = tf.keras.initializers.get(bias_initializer)
+        self.input_spec = tf.keras.layers.InputSpec(ndim=4)
+
+    # Subclasses define the base kernel's shape and how it expands.
+    def _base_kernel_shape(self, in_channels):
+        raise NotImplementedError
+
+    def _check_input_channels(self, in_channels):
+        raise NotImplementedError
+
+    def _build_expansion(self):
+        raise NotImplementedError
+
+    def expanded_kernel(self):
+        """The ``[k, k, in_channels, filters * |G|]`` kernel of the equivalent ordinary convolution."""
+        raise NotImplementedError
+
+    def build(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        in_channels = input_shape[-1]
+        if in_channels is None:
+            raise ValueError(f"{self.name}: the channel dimension of the input must be known, got {input_shape}")
+        self._check_input_channels(int(in_channels))
+        self._check_strides(input_shape)
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=self._base_kernel_shape(int(in_channels)),
+            initializer=self.kernel_initializer,
+            trainable=True,
+        )
+        self.bias = None
+        if self.use_bias:
+            # One bias per field, shared by its orientations: a per-channel bias would break equivariance.
+            self.bias = self.add_weight(
+                name="bias", shape=(self.filters,), initializer=self.bias_initializer, trainable=True
+            )
+        self._build_expansion()
+        self.input_spec = tf.keras.layers.InputSpec(ndim=4, axes={-1: int(in_channels)})
+        super().build(input_shape)
+
+    def _check_strides(self, input_shape):
+        if self.strides == 1:
+            return
+        pad = self.kernel_size - 1 if self.padding == "same" else 0
+        for size in input_shape[1:3]:
+            if size is None:
+                raise ValueError(
+                    f"{self.name}: strides={self.strides} needs a known spatial size, to check that the sampled "
+                    "grid is symmetric (otherwise rotations break equivariance)"
+                )
+            if (int(size) + pad - self.kernel_size) % self.strides:
+                raise ValueError(
+                    f"{self.name}: strides={self.strides} with padding='{self.padding}' on a {int(size)}-pixel "
+                    "axis samples an asymmetric grid, which breaks rotation equivariance; use stride 1 followed "
+                    "by pooling, or a size s with (size - 1) divisible by the stride"
+                )
+
+    def expanded_bias(self):
+        """The ``[filters * |G|]`` bias of the equivalent ordinary convolution (or None)."""
+        if self.bias is None:
+            return None
+        return tf.repeat(tf.cast(self.bias, self.compute_dtype), self.group.order)
+
+    def call(self, inputs):
+        # TF's 'SAME' pads (k-1)/2 on each side for an odd kernel at stride 1, and for the strided
+        # grids _check_strides admits; explicit paddings would be equivalent but break the
+        # Conv2DBackpropFilter fallback inside tf.vectorized_map.
+        outputs = tf.nn.conv2d(inputs, self.expanded_kernel(), strides=self.strides, padding=self.padding.upper())
+        if self.bias is not None:
+            outputs = tf.nn.bias_add(outputs, self.expanded_bias())
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        out = []
+        for size in input_shape[1:3]:
+            if size is None:
+                out.append(None)
+                continue
+            size = int(size) if self.padding == "same" else int(size) - self.kernel_size + 1
+            out.append((size - 1) // self.strides + 1)
+        return tf.TensorShape([input_shape[0], out[0], out[1], self.filters * self.group.order])
+
+    def to_conv2d(self, name=None):
+        """An ordinary built ``tf.keras.layers.Conv2D`` computing exactly this layer (for serving).
+
+        For stride 1 'same' and for the symmetric strided grids this layer accepts, Keras' 'same'
+        padding is symmetric, so the outputs match.
+        """
+        if not self.built:
+            raise ValueError(f"{self.name}: build the layer (call it once) before freezing it")
+        conv = tf.keras.layers.Conv2D(
+            self.filters * self.group.order,
+            self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            use_bias=self.use_bias,
+            name=name or self.name,
+            dtype=self.dtype_policy,
+        )
+        conv.build(tf.TensorShape([None, None, None, self.input_spec.axes[-1]]))
+        weights = [self.expanded_kernel().numpy()]
+        if self.use_bias:
+            weights.append(self.expanded_bias().numpy())
+        conv.set_weights(weights)
+        return conv
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "group": self.group.name,
+                "strides": self.strides,
+                "padding": self.padding,
+                "use_bias": self.use_bias,
+                "kernel_initializer": tf.keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": tf.keras.initializers.serialize(self.bias_initializer),
+            }
+        )
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package="eqdp")
+class LiftingConv2D(_GroupConvBase):
+    """Ordinary image ``[B, H, W, C]`` -> ``filters`` regular fields over G, ``[B, H', W', filters*|G|]``.
+
+    Parameters: ``k*k*C*filters`` weights and ``filters`` biases; the output for orientation g uses
+    the base filter transformed by g. (Interpolated groups such as C8 keep only the disk taps, see
+    ``kernels.disk_taps``: 5 for k=3.)
+    """
+
+    def _base_kernel_shape(self, in_channels):
+        if self.group.is_exact:
+            return (self.kernel_size, self.kernel_size, in_channels, self.filters)
+        return (kernels.free_taps(self.group, self.kernel_size), in_channels, self.filters)
+
+    def _check_input_channels(self, in_channels):
+        if in_channels < 1:
+            raise ValueError(f"{self.name}: input must have at least one channel")
+
+    def _build_expansion(self):
+        index = kernels.lifting_indices(self.group, self.kernel_size)
+        if index is not None:
+            self._gather_index = tf.constant(index)
+            self._operators = None
+        else:
+            self._gather_index = None
+            self._operators = kernels.spatial_operators(self.group, self.kernel_size)
+
+    def expanded_kernel(self):
+        k, order = self.kernel_size, self.group.order
+        base = tf.cast(self.kernel, self.compute_dtype)
+        in_ch = base.shape[-2]
+        flat = tf.reshape(base, [-1, in_ch, self.filters])
+        if self._gather_index is not None:
+            stacked = tf.gather(flat, self._gather_index)  # [G, k*k, C, F]
+            stacked = tf.transpose(stacked, [1, 2, 3, 0])  # [k*k, C, F, G]
+        else:
+            ops = tf.constant(self._operators, dtype=self.compute_dtype)
+            stacked = tf.einsum("gpq,qcf->pcfg", ops, flat)
+        return tf.reshape(stacked, [k, k, in_ch, self.filters * order])
+
+
+@tf.keras.utils.register_keras_serializable(package="eqdp")
+class GroupConv2D(_GroupConvBase):
+    """``in_fields`` regular fields over G -> ``filters`` fields over G (field-major channels).
+
+    Parameters: ``k*k*|G|*in_fields*filters`` weights and ``filters`` biases (disk taps instead of
+    k*k for interpolated groups). The filter for output orientation g is the base filter moved by g
+    in space with its orientation axis permuted by g.
+    """
+
+    def _base_kernel_shape(self, in_channels):
+        in_fields = in_channels // self.group.order
+        if self.group.is_exact:
+            return (self.kernel_size, self.kernel_size, in_fields, self.group.order, self.filters)
+        return (kernels.free_taps(self.group, self.kernel_size), in_fields, self.group.order, self.filters)
+
+    def _check_input_channels(self, in_channels):
+        if in_channels % self.group.order:
+            raise ValueError(
+                f"{self.name}: input has {in_channels} channels, not a multiple of |{self.group.name}| = "
+                f"{self.group.order}; GroupConv2D takes regular fields over {self.group.name} "
+                "(use LiftingConv2D on plain images)"
+            )
+
+    def _build_expansion(self):
+        k = self.kernel_size
+        exact = kernels.spatial_permutation(self.group, k) is not None
+        self._gather_index = tf.constant(kernels.group_conv_indices(self.group, k, spatial=exact))
+        self._operators = None if exact else kernels.spatial_operators(self.group, k)
+
+    def expanded_kernel(self):
+        k, order = self.kernel_size, self.group.order
+        base = tf.cast(self.kernel, self.compute_dtype)
+        in_fields = base.shape[-3]
+        base = tf.reshape(base, [-1, in_fields, order, self.filters])  # [T, C, G_in, F]
+        flat = tf.reshape(tf.transpose(base, [0, 2, 1, 3]), [-1, in_fields, self.filters])
+        stacked = tf.gather(flat, self._gather_index)  # [G_out, k*k, G_in, C, F]
+        if self._operators is not None:
+            ops = tf.constant(self._operators, dtype=self.compute_dtype)
+            stacked = tf.einsum("gpq,gqhcf->gphcf", ops, stacked)
+        stacked = tf.transpose(stacked, [1, 3, 2, 4, 0])  # [k*k, C, G_in, F, G_out]
+        return tf.reshape(stacked, [k, k, in_fields * order, self.filters * order])

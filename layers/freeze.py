@@ -1,0 +1,28 @@
+"""Freezing: replace every group convolution by the plain ``Conv2D`` it computes.
+
+The base filters are expanded once; the frozen model gives the same outputs, skips the expansion
+at every call and needs no custom conv layers to load (faster serving, simpler export).
+"""
+
+import tensorflow as tf
+
+from layers.conv import _GroupConvBase
+
+
+def _copy_layer(layer):
+    if isinstance(layer, _GroupConvBase):
+        return layer.to_conv2d()
+    fresh = layer.__class__.from_config(layer.get_config())
+    if layer.weights:
+        fresh.build(layer.input_shape)
+        fresh.set_weights(layer.get_weights())
+    return fresh
+
+
+def freeze(model):
+    """A new functional/sequential model computing ``model`` with each group conv as a ``Conv2D``."""
+    if not isinstance(model, (tf.keras.Sequential, tf.keras.Model)) or not getattr(model, "_is_graph_network", False):
+        raise ValueError(
+            "freeze needs a functional or Sequential Keras model (subclassed models have no layer graph to rewrite)"
+        )
+    return tf.keras.models.clone_model(model, clone_function=_copy_layer)
