@@ -1,0 +1,395 @@
+"""One DP-SGD step for any Keras model: per-example gradients, clipping, noise and aggregation.
+
+The step is split into small named pieces, after TF-Privacy's `keras_models/dp_keras_model.py`:
+
+1. `per_example_gradients`: `tf.vectorized_map` over examples; each example runs forward and
+   backward on its own K augmentation views (a batch of K), and its K losses are combined
+   ('sum' or 'mean') *before* clipping, so the unit of privacy is the example, not the view.
+2. `clip_per_example`: TF-Privacy's `clip_gradients_vmap` clips each example's gradient to
+   global L2 norm <= C.
+3. `DPStep.accumulate`: masked sum of the clipped gradients into accumulator variables, so a
+   logical batch larger than memory is built from fixed-shape physical batches (padding rows
+   have mask 0).
+4. `DPStep.apply`: one Gaussian noise draw N(0, (sigma*C)^2) on the accumulated sum through the
+   optimizer's `GaussianSumQuery`, division by the *expected* batch size q*N (Poisson sampling:
+   the sampled count itself is private), `apply_gradients`, then the accumulators are reset.
+
+Nothing here knows about groups or equivariance. Models must not use batch statistics
+(BatchNorm): `model(x, training=True)` is assumed to treat examples independently.
+"""
+
+import math
+import numbers
+
+import tensorflow as tf
+from tensorflow_privacy import VectorizedDPKerasSGDOptimizer
+from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import clip_gradients_vmap
+
+from eqdp_tf.errors import ConfigError
+
+VIEW_REDUCTIONS = ("sum", "mean")
+
+_BASE_SGD = tf.keras.optimizers.legacy.SGD
+
+
+def _check_number(name, value, *, minimum, strict):
+    """Returns `value` as a float after checking it is a finite number above `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        relation = ">" if strict else ">="
+        raise ConfigError(f"{name} must be {relation} {minimum}, got {value!r}")
+    return float(value)
+
+
+def _check_view_reduction(view_reduction):
+    if view_reduction not in VIEW_REDUCTIONS:
+        raise ConfigError(f"view_reduction must be one of {VIEW_REDUCTIONS}, got {view_reduction!r}")
+    return view_reduction
+
+
+def _check_views(views):
+    """Converts `views` to a tensor and checks it is [B, K, H, W, C]."""
+    views = tf.convert_to_tensor(views)
+    if views.shape.rank != 5:
+        raise ConfigError(
+            f"views must have rank 5 [batch, views, height, width, channels], got shape {views.shape}"
+        )
+    return views
+
+
+def _default_loss_fn():
+    return tf.keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=tf.keras.losses.Reduction.NONE
+    )
+
+
+class DPKerasSGDOptimizer(VectorizedDPKerasSGDOptimizer):
+    """TF-Privacy's vectorized DP-SGD optimizer (legacy SGD), driven by `DPStep`.
+
+    Clipping (`clip_gradients_vmap`) and noise (`GaussianSumQuery`, stddev = sigma*C) are
+    TF-Privacy's. What differs from the stock optimizer:
+
+    - Per-example gradients come from `DPStep` (a `tf.vectorized_map` over examples, cost
+      linear in the batch size), never from the stock `_compute_gradients`, whose
+      `tape.jacobian` over the batched loss costs batch^2. That path and `get_gradients`
+      therefore raise.
+    - Noise is drawn once per logical batch on the sum of clipped gradients (`noised_sum`),
+      and the caller divides by `expected_batch_size` (q*N), not by the sampled count.
+
+    Args:
+      l2_norm_clip: C, the maximum L2 norm of one example's gradient; > 0.
+      noise_multiplier: sigma; the noise stddev is sigma*C; >= 0.
+      expected_batch_size: q*N, the expected logical batch size under Poisson sampling; > 0.
+      learning_rate, momentum, **kwargs: passed to `tf.keras.optimizers.legacy.SGD`.
+    """
+
+    def __init__(
+        self, l2_norm_clip, noise_multiplier, expected_batch_size, learning_rate, momentum=0.0, **kwargs
+    ):
+        l2_norm_clip = _check_number("l2_norm_clip", l2_norm_clip, minimum=0.0, strict=True)
+        noise_multiplier = _check_number("noise_multiplier", noise_multiplier, minimum=0.0, strict=False)
+        expected_batch_size = _check_number(
+            "expected_batch_size", expected_batch_size, minimum=0.0, strict=True
+        )
+        for key in ("clipnorm", "clipvalue", "global_clipnorm"):
+            if kwargs.get(key) is not None:
+                raise ConfigError(
+                    f"{key} would clip the noised batch gradient; per-example clipping is set "
+                    f"by l2_norm_clip"
+                )
+        super().__init__(
+            l2_norm_clip,
+            noise_multiplier,
+            None,  # num_microbatches: DPStep always works per example.
+            learning_rate=learning_rate,
+            momentum=momentum,
+            **kwargs,
+        )
+        self._expected_batch_size = expected_batch_size
+        # GaussianSumQuery's global state is constant (C and sigma*C), so it is made once here.
+        self._global_state = self._dp_sum_query.initial_global_state()
+
+    @property
+    def l2_norm_clip(self):
+        return self._l2_norm_clip
+
+    @property
+    def noise_multiplier(self):
+        return self._noise_multiplier
+
+    @property
+    def expected_batch_size(self):
+        return self._expected_batch_size
+
+    def noised_sum(self, summed_clipped_grads):
+        """Adds one draw of N(0, (sigma*C)^2) to each summed, already clipped gradient.
+
+        Call once per logical batch. Marks DP gradients as computed, which the stock
+        `apply_gradients` asserts.
+        """
+        noised, _, _ = self._dp_sum_query.get_noised_result(summed_clipped_grads, self._global_state)
+        self._was_dp_gradients_called = True
+        return noised
+
+    def apply_gradients_without_privacy(self, grads_and_vars, name=None):
+        """Plain SGD update that bypasses the DP check: only for `DPStep(dp=False)` baselines."""
+        return _BASE_SGD.apply_gradients(self, grads_and_vars, name=name)
+
+    def _compute_gradients(self, loss, var_list, grad_loss=None, tape=None):
+        raise ConfigError(
+            "DPKerasSGDOptimizer does not compute gradients itself (the stock path uses "
+            "tape.jacobian, quadratic in batch size); use eqdp_tf.privacy.dp_step.DPStep"
+        )
+
+    def get_gradients(self, loss, params):
+        raise ConfigError(
+            "DPKerasSGDOptimizer does not compute gradients itself; use eqdp_tf.privacy.dp_step.DPStep"
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "l2_norm_clip": self._l2_norm_clip,
+            "noise_multiplier": self._noise_multiplier,
+            "expected_batch_size": self._expected_batch_size,
+        }
+
+
+def _reduce_views(losses, view_reduction):
+    """[..., K] per-view losses -> [...] per-example loss."""
+    if view_reduction == "sum":
+        return tf.reduce_sum(losses, axis=-1)
+    return tf.reduce_mean(losses, axis=-1)
+
+
+def _check_per_view_losses(shape):
+    if shape.rank != 1:
+        raise ConfigError(
+            f"loss_fn must return one loss per input (reduction='none'), got shape {shape}"
+        )
+
+
+def per_example_gradients(model, loss_fn, views, labels, view_reduction="sum"):
+    """Gradient of each example's loss, at a cost independent of the batch size.
+
+    `tf.vectorized_map` runs, for each example, the model on its K views as a batch of K,
+    computes K losses `loss_fn(labels, logits)` and combines them with `view_reduction`.
+
+    Args:
+      model: a built Keras model; `model(x, training=True)` must treat examples independently.
+      loss_fn: `loss_fn(labels, logits)` -> per-example losses [n].
+      views: [B, K, H, W, C] inputs, K augmentation views per example.
+      labels: [B, ...] one label per example (shared by its K views).
+      view_reduction: 'sum' or 'mean' over the K view losses.
+
+    Returns:
+      (grads, losses, logits): grads is a list aligned with `model.trainable_variables`,
+      each [B, *var.shape]; losses [B] (view-reduced); logits [B, K, ...].
+    """
+    _check_view_reduction(view_reduction)
+    views = _check_views(views)
+    labels = tf.convert_to_tensor(labels)
+    vars_ = model.trainable_variables
+    # vectorized_map traces `one_example` with autograph, which would turn a ConfigError raised
+    # inside it into a StagingError; so the loss shape is only recorded there and checked after.
+    loss_shapes = []
+
+    def one_example(example):
+        example_views, label = example  # [K, H, W, C], [...]
+        num_views = tf.shape(example_views)[0]
+        view_labels = tf.repeat(label[tf.newaxis], num_views, axis=0)
+        with tf.GradientTape() as tape:
+            logits = model(example_views, training=True)
+            view_losses = loss_fn(view_labels, logits)
+            loss_shapes.append(view_losses.shape)
+            loss = _reduce_views(tf.reshape(view_losses, [-1]), view_reduction)
+        grads = tape.gradient(loss, vars_)
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, vars_)]
+        return grads, loss, logits
+
+    result = tf.vectorized_map(one_example, (views, labels))
+    for shape in loss_shapes:
+        _check_per_view_losses(shape)
+    return result
+
+
+def clip_per_example(grads, l2_norm_clip):
+    """Clips each example's gradient (across all variables) to global L2 norm <= l2_norm_clip.
+
+    Args:
+      grads: list of [B, ...] per-example gradients.
+      l2_norm_clip: C.
+
+    Returns:
+      (clipped, norms): clipped like `grads`; norms [B], the global norms before clipping.
+    """
+    grads = list(grads)
+    squared = [tf.reduce_sum(tf.square(tf.reshape(g, [tf.shape(g)[0], -1])), axis=1) for g in grads]
+    norms = tf.sqrt(tf.add_n(squared))
+    clipped = tf.vectorized_map(lambda g: clip_gradients_vmap(g, l2_norm_clip), grads)
+    return clipped, norms
+
+
+def _num_correct(logits, labels):
+    """[B] 1.0 where the view-mean logits predict the label (sparse or one-hot)."""
+    mean_logits = tf.reduce_mean(logits, axis=1)  # [B, K, classes] -> [B, classes]
+    predicted = tf.argmax(mean_logits, axis=-1)
+    if labels.shape.rank == mean_logits.shape.rank:  # one-hot labels
+        target = tf.argmax(labels, axis=-1)
+    else:
+        target = tf.cast(tf.reshape(labels, [-1]), predicted.dtype)
+    return tf.cast(tf.equal(predicted, target), tf.float32)
+
+
+class DPStep:
+    """Accumulates per-example clipped gradients over physical batches; one noised update per logical batch.
+
+    Usage, per logical batch:
+
+        step = DPStep(model, loss_fn, optimizer)
+        accumulate = step.compiled_accumulate()          # tf.function, traced once per shape
+        for views, labels, mask in physical_batches:     # fixed shapes; mask 0 marks padding
+            stats = accumulate(views, labels, mask)
+        step.compiled_apply()()                          # noise once, / expected_batch_size
+
+    Args:
+      model: a built Keras model (no BatchNorm).
+      loss_fn: `loss_fn(labels, logits)` -> per-example losses; None means sparse categorical
+        cross-entropy from logits.
+      optimizer: a `DPKerasSGDOptimizer`; its C, sigma and expected batch size are used.
+      view_reduction: 'sum' (default, as the paper's code) or 'mean' over the K views of an example.
+      dp: False gives the non-private baseline: one batched gradient of the masked summed loss,
+        no per-example work, no clipping, no noise; still divided by expected_batch_size.
+    """
+
+    def __init__(self, model, loss_fn, optimizer, view_reduction="sum", dp=True):
+        if not isinstance(optimizer, DPKerasSGDOptimizer):
+            raise ConfigError(
+                f"optimizer must be a DPKerasSGDOptimizer, got {type(optimizer).__name__}"
+            )
+        if not model.trainable_variables:
+            raise ConfigError("model has no trainable variables; build it before making a DPStep")
+        self._model = model
+        self._loss_fn = _default_loss_fn() if loss_fn is None else loss_fn
+        self._optimizer = optimizer
+        self._view_reduction = _check_view_reduction(view_reduction)
+        self._dp = bool(dp)
+        self._accumulators = [
+            tf.Variable(tf.zeros_like(v), trainable=False, name=f"grad_sum_{i}")
+            for i, v in enumerate(model.trainable_variables)
+        ]
+        self._compiled_accumulate = {}
+        self._compiled_apply = {}
+
+    @property
+    def accumulators(self):
+        """Running sums of (clipped, unnoised) per-example gradients, aligned with the trainable variables."""
+        return self._accumulators
+
+    @property
+    def dp(self):
+        return self._dp
+
+    def accumulate(self, views, labels, mask):
+        """Adds the masked sum of this physical batch's (clipped) gradients to the accumulators.
+
+        Args:
+          views: [B, K, H, W, C].
+          labels: [B, ...].
+          mask: [B] float, 1 for a real example, 0 for padding.
+
+        Returns:
+          dict of scalars over real examples: 'loss_sum', 'num_correct', 'count', and with
+          dp=True also 'grad_norm_mean' (before clipping) and 'clipped_fraction'.
+        """
+        views = _check_views(views)
+        labels = tf.convert_to_tensor(labels)
+        mask = tf.convert_to_tensor(mask, dtype=tf.float32)
+        if mask.shape.rank != 1:
+            raise ConfigError(f"mask must have shape [batch], got {mask.shape}")
+        if self._dp:
+            grad_sums, losses, logits, extra = self._private_batch(views, labels, mask)
+        else:
+            grad_sums, losses, logits = self._nonprivate_batch(views, labels, mask)
+            extra = {}
+        for acc, g in zip(self._accumulators, grad_sums):
+            acc.assign_add(g)
+        count = tf.reduce_sum(mask)
+        return {
+            "loss_sum": tf.reduce_sum(mask * tf.cast(losses, tf.float32)),
+            "num_correct": tf.reduce_sum(mask * _num_correct(logits, labels)),
+            "count": count,
+            **extra,
+        }
+
+    def _private_batch(self, views, labels, mask):
+        grads, losses, logits = per_example_gradients(
+            self._model, self._loss_fn, views, labels, self._view_reduction
+        )
+        clip = self._optimizer.l2_norm_clip
+        clipped, norms = clip_per_example(grads, clip)
+        grad_sums = [tf.tensordot(tf.cast(mask, g.dtype), g, axes=1) for g in clipped]
+        count = tf.reduce_sum(mask)
+        extra = {
+            "grad_norm_mean": tf.math.divide_no_nan(tf.reduce_sum(mask * norms), count),
+            "clipped_fraction": tf.math.divide_no_nan(
+                tf.reduce_sum(mask * tf.cast(norms > clip, tf.float32)), count
+            ),
+        }
+        return grad_sums, losses, logits, extra
+
+    def _nonprivate_batch(self, views, labels, mask):
+        shape = tf.shape(views)
+        batch, num_views = shape[0], shape[1]
+        flat_views = tf.reshape(views, tf.concat([[batch * num_views], shape[2:]], axis=0))
+        flat_labels = tf.repeat(labels, num_views, axis=0)  # example-major, like flat_views
+        vars_ = self._model.trainable_variables
+        with tf.GradientTape() as tape:
+            flat_logits = self._model(flat_views, training=True)
+            view_losses = self._loss_fn(flat_labels, flat_logits)
+            _check_per_view_losses(view_losses.shape)
+            losses = _reduce_views(tf.reshape(view_losses, [batch, num_views]), self._view_reduction)
+            total = tf.reduce_sum(tf.cast(mask, losses.dtype) * losses)
+        grads = tape.gradient(total, vars_)
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, vars_)]
+        logits = tf.reshape(
+            flat_logits, tf.concat([[batch, num_views], tf.shape(flat_logits)[1:]], axis=0)
+        )
+        return grads, losses, logits
+
+    def apply(self):
+        """One optimizer step from the accumulated sum: noise once, / expected_batch_size, reset."""
+        summed = [acc.read_value() for acc in self._accumulators]
+        if self._dp:
+            summed = self._optimizer.noised_sum(summed)
+        scale = 1.0 / self._optimizer.expected_batch_size
+        grads_and_vars = [(g * scale, v) for g, v in zip(summed, self._model.trainable_variables)]
+        if self._dp:
+            self._optimizer.apply_gradients(grads_and_vars)
+            # A further apply_gradients must again be preceded by noised_sum.
+            self._optimizer._was_dp_gradients_called = False  # pylint: disable=protected-access
+        else:
+            self._optimizer.apply_gradients_without_privacy(grads_and_vars)
+        for acc in self._accumulators:
+            acc.assign(tf.zeros_like(acc))
+
+    # Both methods are straight-line TensorFlow code, so they are traced without autograph: autograph
+    # would re-raise a ConfigError found while tracing as a StagingError.
+
+    def compiled_accumulate(self, jit_compile=False):
+        """`accumulate` as a tf.function, cached per `jit_compile`; traced once per input shape."""
+        key = bool(jit_compile)
+        if key not in self._compiled_accumulate:
+            self._compiled_accumulate[key] = tf.function(self.accumulate, jit_compile=key, autograph=False)
+        return self._compiled_accumulate[key]
+
+    def compiled_apply(self, jit_compile=False):
+        """`apply` as a tf.function, cached per `jit_compile`.
+
+        The first call traces twice (the optimizer creates its variables then); later calls reuse it.
+        """
+        key = bool(jit_compile)
+        if key not in self._compiled_apply:
+            self._compiled_apply[key] = tf.function(self.apply, jit_compile=key, autograph=False)
+        return self._compiled_apply[key]
