@@ -1,0 +1,18 @@
+"""Model zoo: every model takes raw [0, 255] pixels and returns logits."""
+
+from eqdp_tf.models.resnet9 import HEADS, equivariant_resnet9, stage_outputs
+from eqdp_tf.models.wide_resnet import wide_resnet
+
+ARCHITECTURES = ("eq_resnet9", "wrn16_4")
+
+
+def build_model(architecture="eq_resnet9", group="D4", restrict="D2", head="paper", num_classes=10, **kwargs):
+    """Builds a model by name; ``group``/``restrict``/``head`` apply to the (equivariant) ResNet-9."""
+    if architecture == "eq_resnet9":
+        return equivariant_resnet9(group=group, restrict=restrict, head=head, num_classes=num_classes, **kwargs)
+    if architecture == "wrn16_4":
+        return wide_resnet(16, 4, num_classes=num_classes, **kwargs)
+    raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
+
+
+__all__ = ["ARCHITECTURES", "HEADS", "build_model", "equivariant_resnet9", "stage_outputs", "wide_resnet"]

@@ -1,0 +1,182 @@
+"""Training configuration: absl flags in, one validated dataclass out.
+
+Defaults are the paper's CIFAR-10 setting (D4 -> D2 Equivariant ResNet-9, batch 8192, 2160 steps,
+K = 4 views, SGD lr 2 without momentum, clip 2, delta 1e-5, target epsilon 8, EMA 0.999).
+"""
+
+import dataclasses
+import json
+from typing import Optional
+
+from absl import flags
+
+from eqdp_tf.errors import ConfigError
+from eqdp_tf.models import ARCHITECTURES, HEADS
+
+SAMPLINGS = ("poisson", "shuffle")
+VIEW_REDUCTIONS = ("sum", "mean")
+JIT_CHOICES = ("auto", "true", "false")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # model
+    architecture: str = "eq_resnet9"
+    group: str = "D4"
+    restrict: str = "D2"
+    head: str = "paper"
+    # optimisation
+    steps: int = 2160
+    batch_size: int = 8192
+    physical_batch_size: int = 128
+    num_views: int = 4
+    view_reduction: str = "sum"
+    learning_rate: float = 2.0
+    momentum: float = 0.0
+    ema_decay: float = 0.999
+    # privacy
+    dp: bool = True
+    l2_norm_clip: float = 2.0
+    noise_multiplier: Optional[float] = None
+    target_epsilon: Optional[float] = 8.0
+    delta: float = 1e-5
+    sampling: str = "poisson"
+    # data
+    data_dir: Optional[str] = None
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    # program
+    output_dir: str = "runs/cifar10"
+    eval_every: int = 100
+    eval_batch_size: int = 500
+    checkpoint_every: int = 50
+    log_every: int = 1
+    seed: int = 0
+    jit_compile: str = "auto"
+    export: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def choice(name, allowed):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+        def positive(name, integer=True):
+            value = getattr(self, name)
+            kind = int if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                raise ConfigError(f"--{name} must be a positive {'integer' if integer else 'number'}; got {value!r}")
+
+        choice("architecture", ARCHITECTURES)
+        choice("head", HEADS)
+        choice("sampling", SAMPLINGS)
+        choice("view_reduction", VIEW_REDUCTIONS)
+        choice("jit_compile", JIT_CHOICES)
+        for name in ("steps", "batch_size", "physical_batch_size", "num_views", "eval_every", "eval_batch_size",
+                     "checkpoint_every", "log_every"):
+            positive(name)
+        positive("learning_rate", integer=False)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"--momentum must be in [0, 1); got {self.momentum}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"--ema_decay must be in [0, 1); got {self.ema_decay}")
+        for name in ("train_subset", "test_subset"):
+            if getattr(self, name) is not None:
+                positive(name)
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0; got {self.seed}")
+        if self.architecture == "wrn16_4" and (self.group.upper() != "C1" or self.restrict.lower() != "none"):
+            raise ConfigError("--architecture=wrn16_4 is not equivariant: use it with --group=C1 --restrict=none")
+        if not self.dp:
+            return
+        if self.l2_norm_clip <= 0:
+            raise ConfigError(f"--l2_norm_clip must be > 0; got {self.l2_norm_clip}")
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"--delta must be in (0, 1); got {self.delta}")
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ConfigError("with --dp, set --noise_multiplier or --target_epsilon")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise ConfigError(f"--noise_multiplier must be >= 0; got {self.noise_multiplier}")
+        if self.noise_multiplier is None and self.target_epsilon <= 0:
+            raise ConfigError(f"--target_epsilon must be > 0; got {self.target_epsilon}")
+
+    @property
+    def restricted_group(self):
+        return None if self.restrict.lower() == "none" else self.restrict
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+    # Settings that may differ when a run is resumed: they change neither the model nor the privacy.
+    RESUMABLE_CHANGES = ("output_dir", "eval_every", "eval_batch_size", "checkpoint_every", "log_every",
+                         "jit_compile", "export", "data_dir", "physical_batch_size", "test_subset")
+
+    def differences(self, other: dict):
+        """Names of settings where ``other`` (a saved config) differs in a way a resume cannot accept."""
+        mine = self.to_json()
+        return sorted(k for k in set(mine) | set(other)
+                      if k not in self.RESUMABLE_CHANGES and mine.get(k) != other.get(k))
+
+
+def _optional_number(value, cast, name):
+    if value in (None, "", "none", "None"):
+        return None
+    try:
+        return cast(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name} must be a number or 'none'; got {value!r}") from None
+
+
+def define_flags():
+    """Registers the command-line flags (once) with defaults from ``TrainConfig``."""
+    if "architecture" in flags.FLAGS:
+        return
+    d = TrainConfig()
+    flags.DEFINE_enum("architecture", d.architecture, ARCHITECTURES, "Model family.")
+    flags.DEFINE_string("group", d.group, "Symmetry group: C1 (ordinary CNN), C4, C8, D4, D8, ... (C_N or D_N).")
+    flags.DEFINE_string("restrict", d.restrict, "Subgroup for the last stages (e.g. D2), or 'none'.")
+    flags.DEFINE_enum("head", d.head, HEADS, "'paper': 2x2 avg pool + linear; 'invariant': global pool + linear.")
+    flags.DEFINE_integer("steps", d.steps, "Number of DP-SGD (logical) steps.")
+    flags.DEFINE_integer("batch_size", d.batch_size, "Expected logical batch size (Poisson: q = batch_size / N).")
+    flags.DEFINE_integer("physical_batch_size", d.physical_batch_size, "Examples per forward/backward pass.")
+    flags.DEFINE_integer("num_views", d.num_views, "Augmentation multiplicity K (1 = no augmentation).")
+    flags.DEFINE_enum("view_reduction", d.view_reduction, VIEW_REDUCTIONS, "How K views' gradients combine before clipping.")
+    flags.DEFINE_float("learning_rate", d.learning_rate, "SGD learning rate.")
+    flags.DEFINE_float("momentum", d.momentum, "SGD momentum.")
+    flags.DEFINE_float("ema_decay", d.ema_decay, "EMA decay of the weights used for evaluation and export.")
+    flags.DEFINE_boolean("dp", d.dp, "Train with DP-SGD (false: same model and pipeline, non-private).")
+    flags.DEFINE_float("l2_norm_clip", d.l2_norm_clip, "Per-example gradient clipping norm C.")
+    flags.DEFINE_string("noise_multiplier", None, "Noise multiplier sigma; unset: calibrated to --target_epsilon.")
+    flags.DEFINE_string("target_epsilon", str(d.target_epsilon), "Target epsilon for calibrating sigma, or 'none'.")
+    flags.DEFINE_float("delta", d.delta, "Target delta.")
+    flags.DEFINE_enum("sampling", d.sampling, SAMPLINGS, "Batch sampling; epsilon always assumes Poisson.")
+    flags.DEFINE_string("data_dir", None, "Folder with cifar-10-batches-bin or -py; unset: TFDS (downloads).")
+    flags.DEFINE_integer("train_subset", None, "Use only the first N training examples.")
+    flags.DEFINE_integer("test_subset", None, "Evaluate on only the first N test examples.")
+    flags.DEFINE_string("output_dir", d.output_dir, "Run folder: checkpoints, metrics, privacy.json, export.")
+    flags.DEFINE_integer("eval_every", d.eval_every, "Evaluate test accuracy every N steps (and at the end).")
+    flags.DEFINE_integer("eval_batch_size", d.eval_batch_size, "Batch size for evaluation.")
+    flags.DEFINE_integer("checkpoint_every", d.checkpoint_every, "Checkpoint every N steps (and at the end).")
+    flags.DEFINE_integer("log_every", d.log_every, "Update progress and TensorBoard every N steps.")
+    flags.DEFINE_integer("seed", d.seed, "Seed for initialisation, sampling, augmentation and noise.")
+    flags.DEFINE_enum("jit_compile", d.jit_compile, JIT_CHOICES, "XLA: auto = on with a GPU, off on CPU.")
+    flags.DEFINE_boolean("export", d.export, "Export a SavedModel at the end.")
+
+
+def config_from_flags(values=None):
+    """Builds a validated ``TrainConfig`` from parsed flags (``values`` defaults to absl's FLAGS)."""
+    f = values or flags.FLAGS
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    kwargs = {name: getattr(f, name) for name in fields if name in f}
+    kwargs["noise_multiplier"] = _optional_number(f.noise_multiplier, float, "noise_multiplier")
+    kwargs["target_epsilon"] = _optional_number(f.target_epsilon, float, "target_epsilon")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("noise_multiplier", "target_epsilon")}
+    return TrainConfig(**kwargs)
+
+
+def load_saved(path):
+    with open(path) as f:
+        return json.load(f)

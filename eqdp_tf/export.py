@@ -1,0 +1,66 @@
+"""Export for serving: EMA weights -> frozen plain convs -> a versioned SavedModel.
+
+Layout as TF Serving expects: ``<export_dir>/<version>/saved_model.pb`` + ``variables/``. The
+``serving_default`` signature takes a uint8 batch ``images [None, 32, 32, 3]`` and returns
+``probabilities [None, classes]`` and ``classes [None]`` (int64). Loading needs only TensorFlow
+(``tf.saved_model.load``), no project code.
+"""
+
+import os
+import shutil
+import tempfile
+
+import tensorflow as tf
+
+import layers
+from eqdp_tf.errors import UserError
+
+
+class ExportError(UserError):
+    """The SavedModel could not be written (disk full, no permission, ...)."""
+
+
+def _next_version(export_dir):
+    versions = [int(name) for name in os.listdir(export_dir) if name.isdigit()] if os.path.isdir(export_dir) else []
+    return max(versions, default=0) + 1
+
+
+class _Servable(tf.Module):
+    def __init__(self, model, image_shape):
+        super().__init__()
+        self.model = model
+        self.serve = tf.function(
+            self._serve, input_signature=[tf.TensorSpec([None, *image_shape], tf.uint8, name="images")]
+        )
+
+    def _serve(self, images):
+        logits = self.model(tf.cast(images, tf.float32), training=False)
+        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        return {"probabilities": probabilities, "classes": tf.argmax(probabilities, axis=-1)}
+
+
+def export_saved_model(model, export_dir, version=None):
+    """Freezes ``model`` and writes it as ``export_dir/<version>``; returns that path.
+
+    The SavedModel is written to a temporary folder beside it and renamed into place, so a crash
+    or a full disk never leaves a half-written version that a server would pick up.
+    """
+    frozen = layers.freeze(model)
+    version = _next_version(export_dir) if version is None else int(version)
+    final = os.path.join(export_dir, str(version))
+    if os.path.exists(final):
+        raise ExportError(f"export version {final} already exists; refusing to overwrite it")
+    try:
+        os.makedirs(export_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
+    except OSError as err:
+        raise ExportError(f"cannot write the export folder {export_dir}: {err.strerror or err}") from None
+    try:
+        servable = _Servable(frozen, tuple(model.input_shape[1:]))
+        tf.saved_model.save(servable, staging, signatures={"serving_default": servable.serve})
+        os.rename(staging, final)
+    except (OSError, tf.errors.OpError) as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        message = getattr(err, "strerror", None) or getattr(err, "message", None) or str(err)
+        raise ExportError(f"exporting the SavedModel to {final} failed: {message}") from None
+    return final

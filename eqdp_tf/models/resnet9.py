@@ -1,0 +1,117 @@
+"""The paper's Equivariant ResNet-9 (Hoelzl, Rueckert & Kaissis 2023), built from ``layers``.
+
+    lift conv block -> conv block + 2x2 max pool -> residual(2 conv blocks) -> GroupNorm
+    -> conv block + pool -> [restrict G -> H] -> conv block + pool -> residual(2 conv blocks)
+    -> GroupNorm -> group max pooling (invariant fields) -> head
+
+A conv block is 3x3 group conv -> Mish -> non-affine equivariant GroupNorm (``norm_groups``
+requested, the closest divisor of the field count used) -> optional 2x2 max pool. With the trivial
+group C1 the same code is the ordinary (non-equivariant) ResNet-9 baseline of the same layout.
+
+Width: ``fields = int(layout * sqrt(1.5 * |G|) / |G|)`` per stage, which keeps the parameter
+count roughly constant across groups; the last stage uses the restricted group's order (and so
+does the conv just before the restriction, as in the official code).
+"""
+
+import math
+
+import tensorflow as tf
+
+import layers
+from eqdp_tf.models import preprocessing
+
+HEADS = ("paper", "invariant")
+PAPER_LAYOUT = (16, 32, 64)
+_WIDTH_CONSTANT = 1.5
+
+
+def stage_fields(layout, order):
+    """Fields per stage for a group of ``order`` elements (at least one field)."""
+    return max(1, int(layout * math.sqrt(order * _WIDTH_CONSTANT) / order))
+
+
+class _Builder:
+    """Keeps the naming and the norm-group rule in one place while the graph is wired."""
+
+    def __init__(self, norm_groups, dtype):
+        self.norm_groups = norm_groups
+        self.dtype = dtype
+
+    def conv_block(self, x, fields, group, name, lifting=False, pool=False):
+        conv_cls = layers.LiftingConv2D if lifting else layers.GroupConv2D
+        x = conv_cls(fields, 3, group=group, name=f"{name}_conv", dtype=self.dtype)(x)
+        x = tf.keras.layers.Activation(tf.keras.activations.mish, name=f"{name}_mish", dtype=self.dtype)(x)
+        x = self.norm(x, fields, group, f"{name}_norm")
+        if pool:
+            x = layers.SpatialPooling2D(2, "max", name=f"{name}_pool", dtype=self.dtype)(x)
+        return x
+
+    def norm(self, x, fields, group, name):
+        groups = layers.closest_divisor(fields, self.norm_groups)
+        return layers.GroupNormalization(groups, group=group, name=name, dtype=self.dtype)(x)
+
+    def residual(self, x, fields, group, name):
+        shortcut = x
+        x = self.conv_block(x, fields, group, f"{name}a")
+        x = self.conv_block(x, fields, group, f"{name}b")
+        x = tf.keras.layers.Add(name=f"{name}_add", dtype=self.dtype)([x, shortcut])
+        return self.norm(x, fields, group, f"{name}_norm")
+
+
+def equivariant_resnet9(
+    group="D4",
+    restrict="D2",
+    head="paper",
+    layout=PAPER_LAYOUT,
+    norm_groups=8,
+    num_classes=10,
+    image_shape=(32, 32, 3),
+    dtype=None,
+    name=None,
+):
+    """Builds the Keras functional model (raw pixels in, logits out).
+
+    ``restrict``: None/'none' or the subgroup used from the third stage on (the paper: D4 -> D2).
+    ``head``: 'paper' (group pooling, 2x2 average pool, linear: as the official code, equivariant
+    up to the head but not invariant) or 'invariant' (group pooling, global average pool, linear:
+    exactly invariant for an exact group without restriction).
+    """
+    g = layers.get_group(group)
+    h = g if restrict in (None, "none", "None", "") else layers.get_group(restrict)
+    g.subgroup_embedding(h)  # raises ValueError when h is not a subgroup of g
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if len(layout) != 3 or any(int(w) < 1 for w in layout):
+        raise ValueError(f"layout must be three positive widths, got {layout!r}")
+    if image_shape[0] != image_shape[1] or image_shape[0] % 8:
+        raise ValueError(f"image_shape must be square with a side divisible by 8, got {image_shape!r}")
+    f1, f2 = stage_fields(layout[0], g.order), stage_fields(layout[1], g.order)
+    f3 = stage_fields(layout[2], h.order)
+    build = _Builder(norm_groups, dtype)
+
+    inputs, x = preprocessing.standardized_input(image_shape)
+    x = build.conv_block(x, f1, g, "stage1", lifting=True)
+    x = build.conv_block(x, f2, g, "stage2", pool=True)
+    x = build.residual(x, f2, g, "res1")
+    x = build.conv_block(x, f3, g, "stage3", pool=True)
+    if h != g:
+        x = layers.RestrictToSubgroup(g, h, name="restrict", dtype=dtype)(x)
+    x = build.conv_block(x, f3, h, "stage4", pool=True)
+    x = build.residual(x, f3, h, "res2")
+    x = layers.GroupPooling(h, "max", name="group_pool", dtype=dtype)(x)
+    if head == "paper":
+        x = layers.SpatialPooling2D(image_shape[0] // 16, "mean", name="head_pool", dtype=dtype)(x)
+        x = tf.keras.layers.Flatten(name="flatten", dtype=dtype)(x)
+    else:
+        x = tf.keras.layers.GlobalAveragePooling2D(name="head_pool", dtype=dtype)(x)
+    logits = tf.keras.layers.Dense(num_classes, name="logits", dtype="float32")(x)
+    restricted = f"-{h.name}" if h != g else ""
+    return tf.keras.Model(inputs, logits, name=name or f"eq_resnet9_{g.name}{restricted}_{head}")
+
+
+# Tensors whose transformation behaviour tests check stage by stage: (layer name, group it lives on).
+def stage_outputs(model):
+    """Names of the layers ending each stage of an Equivariant ResNet-9, in order."""
+    names = ["stage1_norm", "stage2_pool", "res1_norm", "stage3_pool", "restrict", "stage4_pool", "res2_norm"]
+    present = {layer.name for layer in model.layers}
+    return [n for n in names if n in present]

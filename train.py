@@ -1,0 +1,42 @@
+"""Train an equivariant CNN on CIFAR-10 with DP-SGD.
+
+    python train.py --flagfile=configs/cifar10.cfg [--output_dir=runs/x ...]
+
+Mistakes in flags, data or the output folder end with a one-line error and exit code 2.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, logging  # noqa: E402
+
+from eqdp_tf import config  # noqa: E402
+from eqdp_tf.errors import UserError  # noqa: E402
+
+config.define_flags()
+
+
+def main(argv):
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {' '.join(argv[1:])} (flags look like --name=value)", file=sys.stderr)
+        return 2
+    # TensorFlow's INFO/WARNING chatter (pfor fallbacks, SavedModel tracing) drowns the progress lines.
+    logging.set_verbosity(logging.ERROR)
+    try:
+        cfg = config.config_from_flags()
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")
+        from eqdp_tf.training import loop  # imported late: TensorFlow start-up is slow
+
+        loop.run(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
