@@ -10,6 +10,7 @@ from typing import Optional
 
 from absl import flags
 
+import layers
 from eqdp_tf.errors import ConfigError
 from eqdp_tf.models import ARCHITECTURES, HEADS
 
@@ -88,6 +89,7 @@ class TrainConfig:
                 positive(name)
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0; got {self.seed}")
+        self._validate_groups()
         if self.architecture == "wrn16_4" and (self.group.upper() != "C1" or self.restrict.lower() != "none"):
             raise ConfigError("--architecture=wrn16_4 is not equivariant: use it with --group=C1 --restrict=none")
         if not self.dp:
@@ -102,6 +104,18 @@ class TrainConfig:
             raise ConfigError(f"--noise_multiplier must be >= 0; got {self.noise_multiplier}")
         if self.noise_multiplier is None and self.target_epsilon <= 0:
             raise ConfigError(f"--target_epsilon must be > 0; got {self.target_epsilon}")
+
+    def _validate_groups(self):
+        try:
+            group = layers.get_group(self.group)
+        except ValueError as err:
+            raise ConfigError(f"--group: {err}") from None
+        if self.restricted_group is None:
+            return
+        try:
+            group.subgroup_embedding(layers.get_group(self.restrict))
+        except ValueError as err:
+            raise ConfigError(f"--restrict: {err} (or use --restrict=none)") from None
 
     @property
     def restricted_group(self):
