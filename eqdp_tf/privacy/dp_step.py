@@ -2,9 +2,10 @@
 
 The step is split into small named pieces, after TF-Privacy's `keras_models/dp_keras_model.py`:
 
-1. `per_example_gradients`: `tf.vectorized_map` over examples; each example runs forward and
-   backward on its own K augmentation views (a batch of K), and its K losses are combined
+1. `per_example_gradients`: each example's K augmentation views have their losses combined
    ('sum' or 'mean') *before* clipping, so the unit of privacy is the example, not the view.
+   Computed layer by layer from one batched pass (`per_example.py`), or by `tf.vectorized_map`
+   over examples, each running forward and backward on its own K views.
 2. `clip_per_example`: TF-Privacy's `clip_gradients_vmap` clips each example's gradient to
    global L2 norm <= C.
 3. `DPStep.accumulate`: masked sum of the clipped gradients into accumulator variables, so a
@@ -26,6 +27,7 @@ from tensorflow_privacy import VectorizedDPKerasSGDOptimizer
 from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import clip_gradients_vmap
 
 from eqdp_tf.errors import ConfigError
+from eqdp_tf.privacy import per_example
 
 VIEW_REDUCTIONS = ("sum", "mean")
 
@@ -170,8 +172,46 @@ def _check_per_view_losses(shape):
         )
 
 
-def per_example_gradients(model, loss_fn, views, labels, view_reduction="sum"):
+PER_EXAMPLE_METHODS = ("auto", "layerwise", "vmap")
+
+
+def per_example_gradients(model, loss_fn, views, labels, view_reduction="sum", method="auto"):
     """Gradient of each example's loss, at a cost independent of the batch size.
+
+    `method`: 'layerwise' (one batched forward/backward, then per-layer rules; see
+    `per_example.py`; functional/Sequential models only), 'vmap' (`tf.vectorized_map` over
+    examples, any model; conv filter gradients become while-loops there), or 'auto' (layerwise
+    when the model allows it). Both return the same values; see `vmap_per_example_gradients`
+    for the contract.
+    """
+    if method not in PER_EXAMPLE_METHODS:
+        raise ConfigError(f"per-example method must be one of {PER_EXAMPLE_METHODS}, got {method!r}")
+    if method == "auto":
+        method = "layerwise" if per_example.supports(model) else "vmap"
+    if method == "vmap":
+        return vmap_per_example_gradients(model, loss_fn, views, labels, view_reduction)
+    if not per_example.supports(model):
+        raise ConfigError("per-example method 'layerwise' needs a functional or Sequential Keras model")
+    _check_view_reduction(view_reduction)
+    views = _check_views(views)
+    labels = tf.convert_to_tensor(labels)
+    grads, losses, logits = per_example.per_example_gradients(
+        model, _checked_loss_fn(loss_fn), views, labels, lambda l: _reduce_views(l, view_reduction)
+    )
+    return grads, losses, logits
+
+
+def _checked_loss_fn(loss_fn):
+    def checked(labels, logits):
+        losses = loss_fn(labels, logits)
+        _check_per_view_losses(losses.shape)
+        return losses
+
+    return checked
+
+
+def vmap_per_example_gradients(model, loss_fn, views, labels, view_reduction="sum"):
+    """Gradient of each example's loss by `tf.vectorized_map` over examples (any Keras model).
 
     `tf.vectorized_map` runs, for each example, the model on its K views as a batch of K,
     computes K losses `loss_fn(labels, logits)` and combines them with `view_reduction`.
@@ -259,11 +299,12 @@ class DPStep:
         cross-entropy from logits.
       optimizer: a `DPKerasSGDOptimizer`; its C, sigma and expected batch size are used.
       view_reduction: 'sum' (default, as the paper's code) or 'mean' over the K views of an example.
+      per_example_method: 'auto', 'layerwise' or 'vmap' (see `per_example_gradients`).
       dp: False gives the non-private baseline: one batched gradient of the masked summed loss,
         no per-example work, no clipping, no noise; still divided by expected_batch_size.
     """
 
-    def __init__(self, model, loss_fn, optimizer, view_reduction="sum", dp=True):
+    def __init__(self, model, loss_fn, optimizer, view_reduction="sum", dp=True, per_example_method="auto"):
         if not isinstance(optimizer, DPKerasSGDOptimizer):
             raise ConfigError(
                 f"optimizer must be a DPKerasSGDOptimizer, got {type(optimizer).__name__}"
@@ -275,6 +316,9 @@ class DPStep:
         self._optimizer = optimizer
         self._view_reduction = _check_view_reduction(view_reduction)
         self._dp = bool(dp)
+        if per_example_method not in PER_EXAMPLE_METHODS:
+            raise ConfigError(f"per_example_method must be one of {PER_EXAMPLE_METHODS}, got {per_example_method!r}")
+        self._per_example_method = per_example_method
         self._accumulators = [
             tf.Variable(tf.zeros_like(v), trainable=False, name=f"grad_sum_{i}")
             for i, v in enumerate(model.trainable_variables)
@@ -325,7 +369,7 @@ class DPStep:
 
     def _private_batch(self, views, labels, mask):
         grads, losses, logits = per_example_gradients(
-            self._model, self._loss_fn, views, labels, self._view_reduction
+            self._model, self._loss_fn, views, labels, self._view_reduction, self._per_example_method
         )
         clip = self._optimizer.l2_norm_clip
         clipped, norms = clip_per_example(grads, clip)
