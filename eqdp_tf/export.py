@@ -20,9 +20,18 @@ class ExportError(UserError):
     """The SavedModel could not be written (disk full, no permission, ...)."""
 
 
+def _versions(export_dir):
+    return [int(name) for name in os.listdir(export_dir) if name.isdigit()] if os.path.isdir(export_dir) else []
+
+
 def _next_version(export_dir):
-    versions = [int(name) for name in os.listdir(export_dir) if name.isdigit()] if os.path.isdir(export_dir) else []
-    return max(versions, default=0) + 1
+    return max(_versions(export_dir), default=0) + 1
+
+
+def latest_version(export_dir):
+    """Path of the newest complete version under ``export_dir``, or None (staging folders are not versions)."""
+    versions = _versions(export_dir)
+    return os.path.join(export_dir, str(max(versions))) if versions else None
 
 
 class _Servable(tf.Module):

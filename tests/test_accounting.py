@@ -412,3 +412,13 @@ def test_tf_privacy_statement_validates():
         accounting.tf_privacy_statement(100, 200, 10, 1.0, DELTA)
     with pytest.raises(PrivacyError, match=r"needs steps >= 1, got 0\."):
         accounting.tf_privacy_statement(N, BATCH, 0, 1.0, DELTA)
+
+
+def test_report_from_json_ignores_extra_keys_and_names_missing_ones(tmp_path):
+    report = make_report()
+    data = strict_json_load(report.write(str(tmp_path / "privacy.json")))
+    # The training loop adds its own bookkeeping to privacy.json; reading it back must still work.
+    assert PrivacyReport.from_json({**data, "steps_spent": 7, "model_steps": 7}) == report
+    del data["delta"]
+    with pytest.raises(PrivacyError, match="missing delta"):
+        PrivacyReport.from_json(data)

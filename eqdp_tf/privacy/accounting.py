@@ -355,7 +355,20 @@ class PrivacyReport:
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "PrivacyReport":
-        return cls(**data)
+        """Reads a report back; keys the report does not define (the training loop adds its own, such as
+        ``steps_spent``) are ignored, missing ones raise PrivacyError."""
+        if not isinstance(data, dict):
+            raise PrivacyError(f"a privacy report must be a dict, got {type(data).__name__}.")
+        names = {field.name for field in dataclasses.fields(cls)}
+        required = {field.name for field in dataclasses.fields(cls)
+                    if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise PrivacyError(f"privacy report is missing {', '.join(missing)}.")
+        report = cls(**{k: v for k, v in data.items() if k in names})
+        if report.epsilon is None:
+            report = dataclasses.replace(report, epsilon=math.inf)
+        return report
 
     def write(self, path: str) -> str:
         """Writes the report as JSON to `path` (a file, or a folder that gets privacy.json) atomically.

@@ -1,25 +1,34 @@
 """The training program: data, model, DP-SGD steps, EMA, evaluation, checkpoints, privacy report, export.
 
-``run(cfg)`` is everything ``train.py`` does after parsing flags. Privacy bookkeeping: every logical
-step taken is recorded in a ``PrivacyLedger`` that is checkpointed together with the weights, so a
-resumed run reports the epsilon of all steps, including those of earlier processes.
+``run(cfg)`` is everything ``train.py`` does after parsing flags.
+
+Crash safety (``checkpoint``, ``checkpoint_journal``, ``checkpoint_rng``): rerunning the same command after
+the process died, however it died, resumes from the last checkpoint; the model ends with the configured
+number of steps and the same epsilon as an uninterrupted run. Every step's privacy is appended to
+``privacy_ledger.jsonl`` before anything derived from it is written, and the state is only ever written out
+at checkpointed steps (evaluation, export), so the steps lost in a crash were never observable and are simply
+taken again. SIGINT/SIGTERM stop at the next physical batch with a checkpoint and exit code 130/143.
 """
 
 import json
 import math
 import os
+import signal
 import time
 
-import numpy as np
 import tensorflow as tf
 
 from eqdp_tf import data as data_lib
 from eqdp_tf import export as export_lib
 from eqdp_tf import models
 from eqdp_tf.config import TrainConfig, load_saved
-from eqdp_tf.errors import ConfigError, UserError
+from eqdp_tf.errors import ConfigError, DataError, PrivacyError, UserError
 from eqdp_tf.privacy import accounting
-from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer, DPStep
+from eqdp_tf.privacy.dp_step import DPStep
+from eqdp_tf.training import checkpoint_rng
+from eqdp_tf.training.checkpoint import (CHECKPOINT_DIR, CheckpointStore, Interrupted, StopSignals,
+                                         write_json_atomic)
+from eqdp_tf.training.checkpoint_journal import JOURNAL_NAME, JournalError, PrivacyJournal, describe_steps
 from eqdp_tf.training.ema import WeightAverage
 from eqdp_tf.training.progress import Progress
 
@@ -34,16 +43,18 @@ def resolve_jit(choice):
     return choice == "true"
 
 
-def _write_json_atomic(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def _has_training_state(output_dir):
+    journal = os.path.join(output_dir, JOURNAL_NAME)
+    has_steps = os.path.exists(journal) and PrivacyJournal(journal).has_steps
+    return has_steps or bool(CheckpointStore(None, os.path.join(output_dir, CHECKPOINT_DIR)).steps())
 
 
 def prepare_output_dir(cfg):
-    """Creates the run folder, or checks that an existing one holds this same run (then it resumes)."""
+    """Creates the run folder, or checks that an existing one holds this same run (then it resumes).
+
+    Returns the privacy settings that differ from the saved run's, as ``{name: (saved, now)}`` (only possible
+    with ``--allow_privacy_change``; config.json is then rewritten once training starts).
+    """
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
         probe = os.path.join(cfg.output_dir, ".write-test")
@@ -53,20 +64,32 @@ def prepare_output_dir(cfg):
     except OSError as err:
         raise ConfigError(f"cannot write to --output_dir {cfg.output_dir}: {err.strerror or err}") from None
     config_path = os.path.join(cfg.output_dir, "config.json")
+    changes = {}
     if os.path.exists(config_path):
         try:
             saved = load_saved(config_path)
         except (OSError, ValueError):
             raise ConfigError(f"--output_dir {cfg.output_dir} holds an unreadable config.json; use another folder") from None
-        diffs = cfg.differences(saved)
-        if diffs:
-            raise ConfigError(
-                f"--output_dir {cfg.output_dir} holds a different run (differs in: {', '.join(diffs)}); "
-                "use another folder, or the same flags to resume it"
-            )
+        if _has_training_state(cfg.output_dir):  # otherwise a start that failed before its first step: start over
+            diffs = cfg.differences(saved)
+            changes = cfg.privacy_differences(saved)
+            if set(diffs) - set(changes):
+                raise ConfigError(
+                    f"--output_dir {cfg.output_dir} holds a different run (differs in: {', '.join(diffs)}); "
+                    "use another folder, or the same flags to resume it"
+                )
+            if changes and not cfg.allow_privacy_change:
+                listed = "; ".join(f"--{k} {old} -> {new}" for k, (old, new) in changes.items())
+                raise ConfigError(
+                    f"--output_dir {cfg.output_dir} holds a run with other privacy settings ({listed}); resume it "
+                    "with the same values, or pass --allow_privacy_change to continue with the new ones (epsilon "
+                    "then composes the steps taken under each)"
+                )
     elif os.listdir(cfg.output_dir):
         raise ConfigError(f"--output_dir {cfg.output_dir} is not empty and holds no run of ours; use another folder")
-    _write_json_atomic(config_path, cfg.to_json())
+    if not changes:
+        write_json_atomic(config_path, cfg.to_json())
+    return changes
 
 
 def resolve_noise(cfg, sampling_rate):
@@ -75,19 +98,67 @@ def resolve_noise(cfg, sampling_rate):
         return 0.0
     if cfg.noise_multiplier is not None:
         return float(cfg.noise_multiplier)
-    return accounting.calibrate_noise_multiplier(cfg.target_epsilon, sampling_rate, cfg.steps, cfg.delta)
+    return _calibrate(cfg, lambda: accounting.calibrate_noise_multiplier(
+        cfg.target_epsilon, sampling_rate, cfg.steps, cfg.delta))
 
 
-def _make_sampler(cfg, num_examples):
+def _calibrate(cfg, compute):
+    try:
+        return compute()
+    except PrivacyError as err:
+        raise PrivacyError(
+            f"--target_epsilon={cfg.target_epsilon} cannot be met in --steps={cfg.steps}: {err}") from None
+
+
+def calibrate_remaining(spent, target_epsilon, sampling_rate, steps, delta, tolerance=0.01):
+    """The smallest sigma (to ``tolerance``) for ``steps`` more steps at rate q such that epsilon of ``spent``
+    (a PrivacyLedger) composed with them is at most ``target_epsilon``."""
+    already = spent.epsilon(delta)
+    if already >= target_epsilon:
+        raise PrivacyError(f"the {spent.total_steps} steps already taken spent epsilon {already:.4g}, "
+                           f"not below the target {target_epsilon}")
+
+    def epsilon(sigma):
+        ledger = accounting.PrivacyLedger(spent.segments)
+        ledger.record(sampling_rate, sigma, steps)
+        return ledger.epsilon(delta)
+
+    lo, hi = 0.0, 1.0
+    while epsilon(hi) > target_epsilon:
+        if hi >= accounting.MAX_NOISE_MULTIPLIER:
+            raise PrivacyError(f"even noise_multiplier={hi:g} for the remaining {steps} steps exceeds the target")
+        lo, hi = hi, min(2 * hi, accounting.MAX_NOISE_MULTIPLIER)
+    while hi - lo > tolerance:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if epsilon(mid) > target_epsilon else (lo, mid)
+    return hi
+
+
+def _make_sampler(cfg, num_examples, seed=None):
+    seed = cfg.seed if seed is None else seed
     if cfg.batch_size > num_examples:
-        raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the {num_examples} training examples")
+        raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the {num_examples} training examples "
+                          "(sampling rate q > 1)")
     if cfg.sampling == "poisson":
-        return data_lib.PoissonSampler(num_examples, cfg.batch_size / num_examples, cfg.physical_batch_size, cfg.seed)
-    return data_lib.ShuffleSampler(num_examples, cfg.batch_size, cfg.physical_batch_size, cfg.seed)
+        return data_lib.PoissonSampler(num_examples, cfg.batch_size / num_examples, cfg.physical_batch_size, seed)
+    return data_lib.ShuffleSampler(num_examples, cfg.batch_size, cfg.physical_batch_size, seed)
 
 
 def build_model(cfg):
     return models.build_model(cfg.architecture, group=cfg.group, restrict=cfg.restricted_group, head=cfg.head)
+
+
+def load_data(cfg):
+    """(train images, train labels, test images, test labels), with errors naming the flags involved."""
+    try:
+        train = data_lib.load_cifar10("train", cfg.data_dir, cfg.train_subset)
+        test = data_lib.load_cifar10("test", cfg.data_dir, cfg.test_subset)
+    except data_lib.MissingDataError as err:
+        raise DataError(f"{err} Point --data_dir at the folder with the CIFAR-10 files, or leave it unset to "
+                        "download CIFAR-10 through TFDS.") from None
+    except ConfigError as err:
+        raise ConfigError(f"--train_subset/--test_subset: {err}") from None
+    return (*train, *test)
 
 
 def evaluate(predict, dataset):
@@ -118,154 +189,347 @@ class _Window:
         self.count += float(stats["count"])
 
 
+def _all_finite(tensors):
+    """A tf.function telling whether every element of the (fixed) list of variables is finite."""
+    return tf.function(lambda: tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])),
+                       autograph=False)
+
+
 def run(cfg: TrainConfig):
-    """Trains, evaluates, checkpoints, reports privacy and exports; returns the final metrics."""
-    prepare_output_dir(cfg)
-    tf.keras.utils.set_random_seed(cfg.seed)
-    train_images, train_labels = data_lib.load_cifar10("train", cfg.data_dir, cfg.train_subset)
-    test_images, test_labels = data_lib.load_cifar10("test", cfg.data_dir, cfg.test_subset)
-    num_examples = len(train_labels)
-    sampler = _make_sampler(cfg, num_examples)
-    q = cfg.batch_size / num_examples
-    sigma = resolve_noise(cfg, q)
-    if cfg.dp:
-        for warning in accounting.validate_privacy_params(
-            noise_multiplier=sigma, sampling_rate=q, steps=cfg.steps, delta=cfg.delta,
-            l2_norm_clip=cfg.l2_norm_clip, dataset_size=num_examples,
-        ):
-            print(f"warning: {warning}")
+    """Trains, evaluates, checkpoints, reports privacy and exports; returns the final metrics.
 
-    jit = resolve_jit(cfg.jit_compile)
-    model = build_model(cfg)
-    ema_model = build_model(cfg)
-    optimizer = DPKerasSGDOptimizer(
-        l2_norm_clip=cfg.l2_norm_clip, noise_multiplier=sigma, expected_batch_size=sampler.expected_batch_size,
-        learning_rate=cfg.learning_rate, momentum=cfg.momentum,
-    )
-    step_fn = DPStep(model, None, optimizer, view_reduction=cfg.view_reduction, dp=cfg.dp)
-    accumulate = step_fn.compiled_accumulate(jit)
-    apply_update = step_fn.compiled_apply(jit)
-    ema = WeightAverage(model, ema_model, cfg.ema_decay)
-    predict = tf.function(lambda images: ema_model(tf.cast(images, tf.float32), training=False), jit_compile=jit)
+    Raises ``checkpoint.Interrupted`` after a SIGINT/SIGTERM (a checkpoint has been written), and a
+    ``UserError`` for bad input or a run that cannot go on.
+    """
+    with StopSignals() as stop:
+        training = _Training(cfg, stop)
+        try:
+            return training.run()
+        finally:
+            training.close()
 
-    step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    ledger_var = tf.Variable(json.dumps(accounting.PrivacyLedger().to_json()), dtype=tf.string, trainable=False)
-    checkpoint = tf.train.Checkpoint(model=model, ema_model=ema_model, optimizer=optimizer, step=step_var, ledger=ledger_var)
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(cfg.output_dir, "checkpoints"), max_to_keep=2)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint)
-    start = int(step_var.numpy())
-    ledger = accounting.PrivacyLedger.from_json(json.loads(ledger_var.numpy().decode()))
 
-    print(f"model {model.name}: {model.count_params():,} parameters; train {num_examples}, test {len(test_labels)} "
-          f"examples; XLA {'on' if jit else 'off'}")
-    if cfg.dp:
-        print(f"DP-SGD: q={q:.5g} ({sampler.method}), sigma={sigma:.4g}, C={cfg.l2_norm_clip}, delta={cfg.delta}, "
-              f"{cfg.steps} steps -> epsilon {accounting.compute_epsilon(sigma, q, cfg.steps, cfg.delta):.3f}"
-              + (" (assumes Poisson sampling)" if sampler.method != "poisson" else ""))
-    else:
-        print("non-private training (--dp=false): no clipping, no noise, no privacy guarantee")
-    if start:
-        print(f"resuming from step {start} ({manager.latest_checkpoint})")
+class _Training:
+    def __init__(self, cfg, stop):
+        self.cfg = cfg
+        self.stop = stop
+        self.journal = None
+        self.writer = None
 
-    writer = tf.summary.create_file_writer(os.path.join(cfg.output_dir, "tensorboard"))
-    eval_data = data_lib.make_eval_dataset(test_images, test_labels, cfg.eval_batch_size)
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    progress = Progress(cfg.steps, start)
-    window, since_eval = _Window(), _Window()
-    result = {}
+    def close(self):
+        if self.journal is not None:
+            self.journal.close()
+        if self.writer is not None:
+            self.writer.close()
 
-    def epsilon_now():
-        return ledger.epsilon(cfg.delta) if cfg.dp else math.inf
+    # ---------------------------------------------------------------------------------------------- set-up
 
-    def save_checkpoint(step):
-        step_var.assign(step)
-        ledger_var.assign(json.dumps(ledger.to_json()))
-        manager.save(checkpoint_number=step)
+    def _resolve_sigma(self, q, plan, changes):
+        cfg, journal = self.cfg, self.journal
+        if not cfg.dp:
+            return 0.0
+        if cfg.noise_multiplier is not None:
+            return float(cfg.noise_multiplier)
+        last = journal.last_start()
+        if last is not None and journal.has_steps and not changes and last.get("noise_multiplier") is not None:
+            return float(last["noise_multiplier"])  # as calibrated when the run started
+        spent = journal.ledger()
+        if spent.total_steps == 0:
+            return resolve_noise(cfg, q)
+        return _calibrate(cfg, lambda: calibrate_remaining(
+            spent, cfg.target_epsilon, q, max(cfg.steps - plan.start, 1), cfg.delta))
 
-    def report(step):
-        test_loss, test_acc = evaluate(predict, eval_data)
-        rate = since_eval.count / since_eval.seconds if since_eval.seconds else 0.0
-        eps = epsilon_now()
-        record = {
-            "step": step,
-            "epoch": step * cfg.batch_size / num_examples,
-            "loss": since_eval.loss / max(since_eval.count, 1),
-            "train_accuracy": since_eval.correct / max(since_eval.count, 1),
-            "test_loss": test_loss,
-            "test_accuracy": test_acc,
-            "epsilon": None if math.isinf(eps) else eps,
-            "examples_per_sec": rate,
-            "views_per_sec": rate * cfg.num_views,
-        }
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        with writer.as_default(step=step):
-            tf.summary.scalar("test/accuracy", test_acc)
-            tf.summary.scalar("test/loss", test_loss)
-        progress.message(f"step {step}: test accuracy {test_acc:.4f}, test loss {test_loss:.4f}, epsilon {eps:.3f}")
-        since_eval.reset()
-        return record
+    def _check_dataset_size(self, num_examples):
+        last = self.journal.last_start()
+        if (last is not None and self.journal.has_steps and last.get("dataset_size") != num_examples
+                and not self.cfg.allow_privacy_change):
+            raise ConfigError(
+                f"the training set now has {num_examples} examples, but this run was started with "
+                f"{last.get('dataset_size')} (another --data_dir?); resume with the same data, or pass "
+                "--allow_privacy_change to continue with these (epsilon then composes both parts)"
+            )
 
-    step = start
-    if start < cfg.steps:
-        dataset = data_lib.make_train_dataset(
-            train_images, train_labels, sampler, cfg.num_views, cfg.seed, start_step=start, num_steps=cfg.steps - start
+    def run(self):
+        started = time.monotonic()
+        cfg = self.cfg
+        out = cfg.output_dir
+        changes = prepare_output_dir(cfg)
+        self.journal = journal = PrivacyJournal(os.path.join(out, JOURNAL_NAME))
+        store = CheckpointStore(None, os.path.join(out, CHECKPOINT_DIR))
+        if store.steps() and not journal.has_steps:
+            raise JournalError(f"--output_dir {out} holds checkpoints but no record of their privacy in "
+                               f"{JOURNAL_NAME}, so the privacy already spent is unknown; use another folder")
+        tf.keras.utils.set_random_seed(cfg.seed)
+        train_images, train_labels, test_images, test_labels = load_data(cfg)
+        num_examples = len(train_labels)
+        _make_sampler(cfg, num_examples)  # rejects q > 1 before anything else is decided
+        q = cfg.batch_size / num_examples
+        self._check_dataset_size(num_examples)
+
+        skipped = []
+        start, prefix = store.latest_valid(on_skip=lambda p, err: skipped.append((p, err)))
+        plan = journal.plan_resume(start)
+        sigma = self._resolve_sigma(q, plan, changes)
+        # Everything this run will have spent at its end: what is spent already, then the remaining steps.
+        planned = journal.ledger()
+        planned.record(q, sigma, cfg.steps - start)
+        planned_epsilon = planned.epsilon(cfg.delta) if cfg.dp else math.inf
+        if cfg.dp and cfg.noise_multiplier is not None and cfg.target_epsilon is not None \
+                and planned_epsilon > cfg.target_epsilon:
+            raise PrivacyError(
+                f"--noise_multiplier={sigma:g} gives epsilon {planned_epsilon:.4g} after --steps={cfg.steps}, above "
+                f"--target_epsilon={cfg.target_epsilon:g}: the two contradict each other; drop one (or raise the "
+                "noise)")
+        warnings = []
+        if cfg.dp:
+            warnings = accounting.validate_privacy_params(
+                noise_multiplier=sigma, sampling_rate=q, steps=cfg.steps, delta=cfg.delta,
+                l2_norm_clip=cfg.l2_norm_clip, dataset_size=num_examples,
+            )
+        randomness = checkpoint_rng.StepRandomness(checkpoint_rng.load_or_create_key(out, cfg.dp_seed), plan.salts)
+        sampler = checkpoint_rng.SaltedSampler(lambda seed: _make_sampler(cfg, num_examples, seed), randomness)
+
+        jit = resolve_jit(cfg.jit_compile)
+        model = build_model(cfg)
+        ema_model = build_model(cfg)
+        optimizer = checkpoint_rng.KeyedNoiseDPOptimizer(
+            l2_norm_clip=cfg.l2_norm_clip, noise_multiplier=sigma, expected_batch_size=sampler.expected_batch_size,
+            learning_rate=cfg.learning_rate, momentum=cfg.momentum,
         )
-        t0 = time.monotonic()
-        for batch in dataset:
-            stats = accumulate(batch["views"], batch["labels"], batch["mask"])
-            window.add(stats)
-            since_eval.add(stats)
-            if not bool(batch["last"]):
-                continue
-            apply_update()
-            ema.update(step)
-            step += 1
-            if cfg.dp:
-                ledger.record(sampling_rate=q, noise_multiplier=sigma)
-            elapsed = time.monotonic() - t0
-            window.seconds += elapsed
-            since_eval.seconds += elapsed
-            mean_loss = window.loss / max(window.count, 1)
-            if not math.isfinite(mean_loss):
-                raise TrainingError(f"the training loss became {mean_loss} at step {step}; lower --learning_rate "
-                                    "or check the data (last checkpoint kept)")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                rate = window.count / window.seconds if window.seconds else 0.0
-                values = {"loss": mean_loss, "acc": window.correct / max(window.count, 1)}
-                if cfg.dp:
-                    values["eps"] = epsilon_now()
-                values["ex/s"] = round(rate, 1)
-                progress.update(step, **values)
-                with writer.as_default(step=step):
-                    for name, value in values.items():
-                        tf.summary.scalar(f"train/{name.replace('/', '_per_')}", value)
-                window.reset()
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                result = report(step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(step)
-            t0 = time.monotonic()
-        progress.close()
-    if not result:  # resumed a finished run: report its final state again
-        result = report(step)
+        step_fn = DPStep(model, None, optimizer, view_reduction=cfg.view_reduction, dp=cfg.dp)
+        accumulate = step_fn.compiled_accumulate(jit)
+        apply_update = step_fn.compiled_apply(jit)
+        ema = WeightAverage(model, ema_model, cfg.ema_decay)
+        predict = tf.function(lambda images: ema_model(tf.cast(images, tf.float32), training=False), jit_compile=jit)
+        grads_finite = _all_finite(step_fn.accumulators)
+        weights_finite = _all_finite(model.weights + ema_model.weights)
 
-    if cfg.dp:
-        privacy = accounting.PrivacyReport.from_ledger(
-            ledger, delta=cfg.delta, batch_size=cfg.batch_size, dataset_size=num_examples,
-            l2_norm_clip=cfg.l2_norm_clip, sampling_method=sampler.method,
-        ).to_json()
-    else:
-        privacy = {"dp": False, "epsilon": None, "steps": step, "batch_size": cfg.batch_size,
-                   "dataset_size": num_examples, "note": "non-private run: no privacy guarantee"}
-    _write_json_atomic(os.path.join(cfg.output_dir, "privacy.json"), privacy)
-    result = {**result, "parameters": model.count_params(), "noise_multiplier": sigma}
-    if cfg.export:
-        path = export_lib.export_saved_model(ema_model, os.path.join(cfg.output_dir, "export"))
-        result["export_path"] = path
-        print(f"exported SavedModel to {path}")
-    eps = result.get("epsilon")
-    print(f"done: test accuracy {result['test_accuracy']:.4f}, "
-          + (f"epsilon {eps:.3f} (delta {cfg.delta})" if eps is not None else "no privacy guarantee"))
-    return result
+        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        ledger_var = tf.Variable(json.dumps(accounting.PrivacyLedger().to_json()), dtype=tf.string, trainable=False)
+        store.checkpoint = tf.train.Checkpoint(model=model, ema_model=ema_model, optimizer=optimizer, step=step_var,
+                                               ledger=ledger_var)
+        if prefix:
+            store.restore(prefix)
+            if int(step_var.numpy()) != start:
+                raise JournalError(f"checkpoint {prefix} holds step {int(step_var.numpy())}, not {start}")
+        model_ledger = accounting.PrivacyLedger.from_json(json.loads(ledger_var.numpy().decode()))
+
+        journal.begin(start, {
+            "sampling_rate": q, "noise_multiplier": sigma, "l2_norm_clip": cfg.l2_norm_clip,
+            "dataset_size": num_examples, "batch_size": cfg.batch_size, "delta": cfg.delta, "steps": cfg.steps,
+            "dp": cfg.dp, "sampling": cfg.sampling,
+        })
+        if changes:
+            write_json_atomic(os.path.join(out, "config.json"), cfg.to_json())
+
+        for warning in warnings:
+            print(f"warning: {warning}", flush=True)
+        for path, err in skipped:
+            print(f"warning: checkpoint {path} is unreadable ({err}); set aside, using an older one")
+        print(f"model {model.name}: {model.count_params():,} parameters; train {num_examples}, test {len(test_labels)} "
+              f"examples; XLA {'on' if jit else 'off'}")
+        if cfg.dp:
+            print(f"DP-SGD: q={q:.5g} ({sampler.method}), sigma={sigma:.4g}, C={cfg.l2_norm_clip}, delta={cfg.delta}, "
+                  f"{cfg.steps} steps -> epsilon {planned_epsilon:.3f}"
+                  + (" (assumes Poisson sampling)" if sampler.method != "poisson" else "")
+                  + (f" (composed with the {planned.total_steps - (cfg.steps - start)} steps spent before)"
+                     if changes or plan.retaken else ""))
+            if cfg.dp_seed is not None:
+                print("warning: --dp_seed is set and published in config.json: whoever knows it can recompute the "
+                      "batches and the noise, which voids the guarantee; use it for experiments only")
+        else:
+            print("non-private training (--dp=false): no clipping, no noise, no privacy guarantee")
+        if changes:
+            listed = "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
+            print(f"privacy settings changed ({listed}): epsilon composes the steps taken under each")
+        if start:
+            print(f"resuming from step {start} ({prefix})")
+        if plan.discarded:
+            print(f"steps {describe_steps(plan.discarded)} of an interrupted process were never written out: "
+                  "not counted, taken again")
+        if plan.retaken:
+            print(f"warning: steps {describe_steps(plan.retaken)} were written out in a checkpoint that is lost; "
+                  "they are taken again with fresh sampling and noise, and both takes count toward epsilon")
+
+        self.writer = writer = tf.summary.create_file_writer(os.path.join(out, "tensorboard"))
+        eval_data = data_lib.make_eval_dataset(test_images, test_labels, cfg.eval_batch_size)
+        metrics_path = os.path.join(out, "metrics.jsonl")
+        progress = Progress(cfg.steps, start)
+        window, since_eval = _Window(), _Window()
+        result = {}
+        state = {"saved": start}
+
+        def epsilon_now(pending=False):
+            return journal.ledger(pending).epsilon(cfg.delta) if cfg.dp else math.inf
+
+        def write_privacy(step):
+            if cfg.dp:
+                spent = journal.ledger()
+                summary = journal.summary(step)
+                note = ("Counts every step whose update could have been observed (see privacy_ledger.jsonl); "
+                        "training-batch loss and accuracy in the logs are not covered.")
+                if summary["steps_counted_twice"]:
+                    note += (f" {summary['steps_counted_twice']} steps count twice: they were written out in a "
+                             "checkpoint that was later lost, and taken again.")
+                privacy = accounting.PrivacyReport.from_ledger(
+                    spent, delta=cfg.delta, batch_size=cfg.batch_size, dataset_size=num_examples,
+                    l2_norm_clip=cfg.l2_norm_clip, sampling_method=sampler.method, note=note,
+                ).to_json() if spent.segments else {"epsilon": 0.0, "steps": 0}
+                privacy.update(summary)
+            else:
+                privacy = {"dp": False, "epsilon": None, "steps": step, "batch_size": cfg.batch_size,
+                           "dataset_size": num_examples, "note": "non-private run: no privacy guarantee",
+                           **journal.summary(step)}
+            try:
+                write_json_atomic(os.path.join(out, "privacy.json"), privacy)
+            except OSError as err:
+                raise TrainingError(f"cannot write privacy.json: {err.strerror or err}") from None
+            return privacy
+
+        def save_checkpoint(step):
+            """Announces the release in the journal (durably), then writes the checkpoint and privacy.json."""
+            if not bool(weights_finite()):
+                raise TrainingError(f"the weights became non-finite (nan or inf) at step {step}; stopped without "
+                                    f"writing them (the checkpoint of step {state['saved']} is kept); lower "
+                                    "--learning_rate")
+            journal.record_release(step, "checkpoint")
+            step_var.assign(step)
+            ledger_var.assign(json.dumps(model_ledger.to_json()))
+            try:
+                path = store.save(step)
+            except (OSError, tf.errors.OpError) as err:
+                message = getattr(err, "strerror", None) or getattr(err, "message", None) or str(err)
+                raise TrainingError(f"writing the checkpoint of step {step} failed ({message}); the checkpoint of "
+                                    f"step {state['saved']} is kept") from None
+            state["saved"] = step
+            write_privacy(step)
+            return path
+
+        def report(step):
+            test_loss, test_acc = evaluate(predict, eval_data)
+            rate = since_eval.count / since_eval.seconds if since_eval.seconds else 0.0
+            eps = epsilon_now()
+            record = {
+                "step": step,
+                "epoch": step * cfg.batch_size / num_examples,
+                "loss": since_eval.loss / max(since_eval.count, 1),
+                "train_accuracy": since_eval.correct / max(since_eval.count, 1),
+                "test_loss": test_loss,
+                "test_accuracy": test_acc,
+                "epsilon": None if math.isinf(eps) else eps,
+                "examples_per_sec": rate,
+                "views_per_sec": rate * cfg.num_views,
+                # Wall time of this process (loading, compiling, training and evaluating), for time-to-accuracy.
+                "wall_seconds": time.monotonic() - started,
+            }
+            try:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:
+                raise TrainingError(f"cannot write {metrics_path}: {err.strerror or err}") from None
+            with writer.as_default(step=step):
+                tf.summary.scalar("test/accuracy", test_acc)
+                tf.summary.scalar("test/loss", test_loss)
+            progress.message(f"step {step}: test accuracy {test_acc:.4f}, test loss {test_loss:.4f}, epsilon {eps:.3f}")
+            since_eval.reset()
+            return record
+
+        step = start
+        if start < cfg.steps and not self.stop.requested:
+            dataset = data_lib.make_train_dataset(
+                train_images, train_labels, sampler, cfg.num_views, cfg.seed, start_step=start,
+                num_steps=cfg.steps - start,
+            )
+            t0 = time.monotonic()
+            step_loss = 0.0
+            for batch in dataset:
+                stats = accumulate(batch["views"], batch["labels"], batch["mask"])
+                window.add(stats)
+                since_eval.add(stats)
+                step_loss += float(stats["loss_sum"])
+                if not bool(batch["last"]):
+                    if self.stop.requested:  # abandon the half-accumulated step: nothing of it was noised
+                        for acc in step_fn.accumulators:
+                            acc.assign(tf.zeros_like(acc))
+                        break
+                    continue
+                number = step + 1
+                if not math.isfinite(step_loss) or not bool(grads_finite()):
+                    what = f"the training loss is {step_loss}" if not math.isfinite(step_loss) else \
+                        "the summed clipped gradients are not finite (nan or inf)"
+                    raise TrainingError(
+                        f"step {number}: {what}; stopped before applying it, nothing of this step was written "
+                        f"(the checkpoint of step {state['saved']} is kept); lower --learning_rate or check the data"
+                    )
+                optimizer.set_noise_seed(randomness.noise_seed(number))
+                apply_update()
+                if cfg.dp and not optimizer.keyed_noise_traced:
+                    raise RuntimeError("DPStep.apply no longer draws its noise through optimizer.noised_sum; "
+                                       "the keyed (resumable) noise of checkpoint_rng is bypassed")
+                ema.update(step)
+                step = number
+                step_loss = 0.0
+                # Recorded before anything derived from this update can leave the process.
+                journal.record_step(step, q, sigma, cfg.l2_norm_clip, num_examples)
+                model_ledger.record(sampling_rate=q, noise_multiplier=sigma)
+                elapsed = time.monotonic() - t0
+                window.seconds += elapsed
+                since_eval.seconds += elapsed
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    rate = window.count / window.seconds if window.seconds else 0.0
+                    values = {"loss": window.loss / max(window.count, 1), "acc": window.correct / max(window.count, 1)}
+                    if cfg.dp:
+                        values["eps"] = epsilon_now(pending=True)
+                    values["ex/s"] = round(rate, 1)
+                    progress.update(step, **values)
+                    with writer.as_default(step=step):
+                        for name, value in values.items():
+                            tf.summary.scalar(f"train/{name.replace('/', '_per_')}", value)
+                    window.reset()
+                evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+                # The state is written out only at checkpointed steps: the test metrics follow a checkpoint.
+                if evaluating or step % cfg.checkpoint_every == 0:
+                    save_checkpoint(step)
+                if evaluating:
+                    result = report(step)
+                if self.stop.requested:
+                    break
+                t0 = time.monotonic()
+            progress.close()
+
+        if self.stop.requested:
+            signum = self.stop.requested
+            if step > state["saved"]:
+                save_checkpoint(step)
+            writer.flush()
+            eps = epsilon_now()
+            where = (f"checkpoint of step {step} in {store.directory}" if step else "no step taken, nothing to save")
+            raise Interrupted(
+                f"{signal.Signals(signum).name} at step {step}/{cfg.steps}: {where}"
+                + (f"; epsilon spent so far {eps:.3f}" if cfg.dp and step else "")
+                + "; rerun the same command to resume", signum)
+        finished_before = not result
+        if finished_before:  # resumed a finished run: report its final state again
+            result = report(step)
+
+        privacy = write_privacy(step)
+        result = {**result, "parameters": model.count_params(), "noise_multiplier": sigma,
+                  "steps_spent": privacy["steps_spent"]}
+        previous_export = export_lib.latest_version(os.path.join(out, "export"))
+        if cfg.export and finished_before and previous_export:
+            # The final weights are already exported; a rerun of a finished command must not pile up copies.
+            result["export_path"] = previous_export
+            print(f"already exported: {previous_export}")
+        elif cfg.export:
+            journal.record_release(step, "export")
+            path = export_lib.export_saved_model(ema_model, os.path.join(out, "export"))
+            result["export_path"] = path
+            print(f"exported SavedModel to {path}")
+        eps = result.get("epsilon")
+        print(f"done: test accuracy {result['test_accuracy']:.4f}, "
+              + (f"epsilon {eps:.3f} (delta {cfg.delta})" if eps is not None else "no privacy guarantee"))
+        return result
+
+
+__all__ = ["Interrupted", "TrainingError", "build_model", "calibrate_remaining", "evaluate", "load_data",
+           "prepare_output_dir", "resolve_jit", "resolve_noise", "run"]
