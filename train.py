@@ -2,7 +2,9 @@
 
     python train.py --flagfile=configs/cifar10.cfg [--output_dir=runs/x ...]
 
-Mistakes in flags, data or the output folder end with a one-line error and exit code 2.
+Mistakes in flags, data or the output folder end with a one-line error and exit code 2. Rerunning the
+same command resumes an interrupted run. SIGINT/SIGTERM stop cleanly after writing a checkpoint, with exit
+code 130/143.
 """
 
 import os
@@ -30,14 +32,23 @@ def main(argv):
         import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")
-        from eqdp_tf.training import loop  # imported late: TensorFlow start-up is slow
+        # imported late: TensorFlow start-up is slow
+        from eqdp_tf.training import checkpoint, loop
 
-        loop.run(cfg)
+        try:
+            loop.run(cfg)
+        except checkpoint.Interrupted as err:
+            print(f"interrupted: {err}", file=sys.stderr)
+            return err.exit_code
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {config.one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once (second Ctrl-C); the last checkpoint is kept; rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
     return 0
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=config.parse_flags)

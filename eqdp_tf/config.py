@@ -6,6 +6,8 @@ K = 4 views, SGD lr 2 without momentum, clip 2, delta 1e-5, target epsilon 8, EM
 
 import dataclasses
 import json
+import re
+import sys
 from typing import Optional
 
 from absl import flags
@@ -42,6 +44,10 @@ class TrainConfig:
     target_epsilon: Optional[float] = 8.0
     delta: float = 1e-5
     sampling: str = "poisson"
+    # Seed of the Poisson sampling and the DP noise. None: a secret key drawn from the OS on the first start and
+    # kept in the run folder (the guarantee assumes nobody can predict the batches or the noise).
+    dp_seed: Optional[int] = None
+    allow_privacy_change: bool = False
     # data
     data_dir: Optional[str] = None
     train_subset: Optional[int] = None
@@ -89,6 +95,9 @@ class TrainConfig:
                 positive(name)
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0; got {self.seed}")
+        if self.dp_seed is not None and (isinstance(self.dp_seed, bool) or not isinstance(self.dp_seed, int)
+                                         or self.dp_seed < 0):
+            raise ConfigError(f"--dp_seed must be a whole number >= 0 or unset; got {self.dp_seed!r}")
         self._validate_groups()
         if self.architecture == "wrn16_4" and (self.group.upper() != "C1" or self.restrict.lower() != "none"):
             raise ConfigError("--architecture=wrn16_4 is not equivariant: use it with --group=C1 --restrict=none")
@@ -126,13 +135,25 @@ class TrainConfig:
 
     # Settings that may differ when a run is resumed: they change neither the model nor the privacy.
     RESUMABLE_CHANGES = ("output_dir", "eval_every", "eval_batch_size", "checkpoint_every", "log_every",
-                         "jit_compile", "export", "data_dir", "physical_batch_size", "test_subset")
+                         "jit_compile", "export", "data_dir", "physical_batch_size", "test_subset",
+                         "allow_privacy_change")
+    # Settings that change the privacy of the remaining steps (sigma, q = batch/N, C, delta, N). A resume may change
+    # them only with --allow_privacy_change; epsilon then composes the steps taken under each setting.
+    PRIVACY_SETTINGS = ("noise_multiplier", "target_epsilon", "l2_norm_clip", "delta", "batch_size", "train_subset")
 
     def differences(self, other: dict):
-        """Names of settings where ``other`` (a saved config) differs in a way a resume cannot accept."""
+        """Names of settings where ``other`` (a saved config) differs in a way a resume cannot accept.
+
+        Privacy settings are included; ``privacy_differences`` tells them apart.
+        """
         mine = self.to_json()
         return sorted(k for k in set(mine) | set(other)
                       if k not in self.RESUMABLE_CHANGES and mine.get(k) != other.get(k))
+
+    def privacy_differences(self, other: dict):
+        """``{name: (saved, now)}`` for the privacy settings in which ``other`` (a saved config) differs."""
+        mine = self.to_json()
+        return {k: (other.get(k), mine.get(k)) for k in self.PRIVACY_SETTINGS if mine.get(k) != other.get(k)}
 
 
 def _optional_number(value, cast, name):
@@ -164,9 +185,16 @@ def define_flags():
     flags.DEFINE_boolean("dp", d.dp, "Train with DP-SGD (false: same model and pipeline, non-private).")
     flags.DEFINE_float("l2_norm_clip", d.l2_norm_clip, "Per-example gradient clipping norm C.")
     flags.DEFINE_string("noise_multiplier", None, "Noise multiplier sigma; unset: calibrated to --target_epsilon.")
-    flags.DEFINE_string("target_epsilon", str(d.target_epsilon), "Target epsilon for calibrating sigma, or 'none'.")
+    flags.DEFINE_string("target_epsilon", str(d.target_epsilon), "Target epsilon for calibrating sigma, or 'none'. "
+                        "Given together with --noise_multiplier: a cap the run refuses to exceed.")
     flags.DEFINE_float("delta", d.delta, "Target delta.")
     flags.DEFINE_enum("sampling", d.sampling, SAMPLINGS, "Batch sampling; epsilon always assumes Poisson.")
+    flags.DEFINE_integer("dp_seed", None, "Seed of the batch sampling and the DP noise, for reproducible experiments "
+                         "only: config.json publishes it, and anyone who knows it can recompute batches and noise. "
+                         "Unset: a secret key kept in the run folder (dp_secret.json).")
+    flags.DEFINE_boolean("allow_privacy_change", d.allow_privacy_change,
+                         "Resume a run with different privacy settings (sigma, batch size, clip, delta, dataset "
+                         "size); epsilon then composes the steps taken under each.")
     flags.DEFINE_string("data_dir", None, "Folder with cifar-10-batches-bin or -py; unset: TFDS (downloads).")
     flags.DEFINE_integer("train_subset", None, "Use only the first N training examples.")
     flags.DEFINE_integer("test_subset", None, "Evaluate on only the first N test examples.")
@@ -180,13 +208,28 @@ def define_flags():
     flags.DEFINE_boolean("export", d.export, "Export a SavedModel at the end.")
 
 
+def _given(f, name):
+    """True when flag ``name`` was set on the command line or in a flagfile (not just defaulted)."""
+    return hasattr(f, "__getitem__") and name in f and f[name].present
+
+
+def _check_contradictions(f):
+    """Rejects explicitly set flags that cannot both hold. (--noise_multiplier with --target_epsilon is checked
+    once the epsilon of that noise is known: the run refuses if it misses the target.)"""
+    if _given(f, "dp") and not f.dp and _given(f, "noise_multiplier"):
+        raise ConfigError("--dp=false trains without noise, which contradicts --noise_multiplier; drop one of them")
+
+
 def config_from_flags(values=None):
     """Builds a validated ``TrainConfig`` from parsed flags (``values`` defaults to absl's FLAGS)."""
     f = values or flags.FLAGS
+    _check_contradictions(f)
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     kwargs = {name: getattr(f, name) for name in fields if name in f}
     kwargs["noise_multiplier"] = _optional_number(f.noise_multiplier, float, "noise_multiplier")
     kwargs["target_epsilon"] = _optional_number(f.target_epsilon, float, "target_epsilon")
+    if kwargs["noise_multiplier"] is not None and not _given(f, "target_epsilon"):
+        kwargs["target_epsilon"] = None  # the default target is only for calibrating sigma when none is given
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("noise_multiplier", "target_epsilon")}
     return TrainConfig(**kwargs)
 
@@ -194,3 +237,29 @@ def config_from_flags(values=None):
 def load_saved(path):
     with open(path) as f:
         return json.load(f)
+
+
+def one_line(message):
+    """A user-facing error as one line, without TensorFlow's '{{function_node ...}}' and '[Op:...]' clutter."""
+    message = re.sub(r"\{\{[^}]*\}\}\s*", "", str(message))
+    message = re.sub(r"\s*\[Op:[^\]]*\]", "", message)
+    return " ".join(message.split())
+
+
+def _flag_error_message(err):
+    text = str(err)
+    unknown = re.match(r"Unknown command line flag '([^']+)'(?:\. Did you mean: (.+?) \?)?$", text)
+    if unknown:
+        name, suggestion = unknown.groups()
+        return f"unknown flag --{name}" + (f" (did you mean --{suggestion}?)" if suggestion else "")
+    return text.replace("ERROR:: ", "")
+
+
+def parse_flags(argv):
+    """absl's flag parsing for ``app.run(..., flags_parser=parse_flags)``, but a bad flag (unknown, unparsable,
+    unreadable flagfile) gives one line ``error: ...`` on stderr and exit code 2 instead of absl's two."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        print(f"error: {one_line(_flag_error_message(err))} (see --helpshort)", file=sys.stderr)
+        sys.exit(2)

@@ -41,6 +41,10 @@ CROP_PADDING = 4
 _AUGMENT_STREAM = 0xA06
 
 
+class MissingDataError(DataError):
+    """The dataset files are not where they were looked for (as opposed to present but damaged)."""
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 
@@ -87,7 +91,7 @@ def _load_from_tfds(split):
 
 def _load_from_dir(split, data_dir):
     if not os.path.isdir(data_dir):
-        raise DataError(f"CIFAR-10 data_dir {data_dir!r} does not exist or is not a folder.")
+        raise MissingDataError(f"CIFAR-10 data_dir {data_dir!r} does not exist or is not a folder.")
     names = _SPLIT_FILES[split]
     # The folder may hold the files itself or be the parent of the extracted archive.
     for folder, suffix, reader in [
@@ -100,24 +104,30 @@ def _load_from_dir(split, data_dir):
         if any(os.path.isfile(p) for p in paths):
             missing = [p for p in paths if not os.path.isfile(p)]
             if missing:
-                raise DataError(f"CIFAR-10 {split} split is incomplete: missing {', '.join(missing)}.")
+                raise MissingDataError(f"CIFAR-10 {split} split is incomplete: missing {', '.join(missing)}.")
             parts = [reader(p) for p in paths]
             return (np.concatenate([images for images, _ in parts]),
                     np.concatenate([labels for _, labels in parts]))
-    raise DataError(
+    raise MissingDataError(
         f"No CIFAR-10 {split} files found in {data_dir!r}: looked for {names[0]}.bin (directly or in "
         f"{_BIN_DIR}/) and the pickle file {names[0]} (directly or in {_PY_DIR}/)."
     )
 
 
 def _read_bin_file(path):
-    size = os.path.getsize(path)
-    if size == 0 or size % _RECORD_BYTES:
-        raise DataError(
-            f"{path} is truncated or corrupt: {size} bytes, expected a positive multiple of {_RECORD_BYTES} "
-            f"({_OFFICIAL_RECORDS_PER_FILE * _RECORD_BYTES} for an official batch file)."
-        )
-    records = np.fromfile(path, dtype=np.uint8).reshape(-1, _RECORD_BYTES)
+    try:
+        size = os.path.getsize(path)
+        if size == 0 or size % _RECORD_BYTES:
+            raise DataError(
+                f"{path} is truncated or corrupt: {size} bytes, expected a positive multiple of {_RECORD_BYTES} "
+                f"({_OFFICIAL_RECORDS_PER_FILE * _RECORD_BYTES} for an official batch file)."
+            )
+        records = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}.") from None
+    if records.size != size:
+        raise DataError(f"{path} changed or was cut short while being read ({records.size} of {size} bytes).")
+    records = records.reshape(-1, _RECORD_BYTES)
     labels = records[:, 0].astype(np.int64)
     # Records store channel planes (CHW); the pipeline works in HWC.
     images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
