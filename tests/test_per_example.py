@@ -76,3 +76,26 @@ def test_auto_falls_back_to_vmap_for_subclassed_models():
     assert grads[0].shape == [2, 32 * 32 * 3, 10]
     with pytest.raises(Exception, match="functional or Sequential"):
         dp_step.per_example_gradients(model, LOSS, x, y, "sum", method="layerwise")
+
+
+@pytest.mark.parametrize("size", [7, 8])
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, "same"), (3, 2, "same"), (3, 2, "valid"), (1, 2, "same"),
+                                                    (5, 1, "valid"), (5, 3, "same")])
+def test_conv_rule_by_taps_matches_patches_and_autodiff(size, kernel, stride, padding):
+    layer = tf.keras.layers.Conv2D(4, kernel, strides=stride, padding=padding)
+    rng = np.random.RandomState(size + kernel)
+    x = tf.constant(rng.randn(6, size, size, 3).astype("float32"))  # 3 examples x 2 views
+    layer.build(x.shape)
+    dz = tf.constant(rng.randn(*layer.compute_output_shape(x.shape)).astype("float32"))
+    k, s, pad = per_example._conv_geometry(layer)
+    dz_rows = tf.reshape(dz, [3, -1, 4])
+    by_taps = per_example._kernel_grad_by_taps(x, dz_rows, k, s, pad, 3)
+    by_patches = per_example._kernel_grad_by_patches(x, dz_rows, k, s, pad, 3)
+    np.testing.assert_allclose(by_taps.numpy(), by_patches.numpy(), rtol=1e-5, atol=1e-5)
+    # and both are the gradient of sum(layer(x_i) * dz_i) over each example's two views
+    for example in range(3):
+        rows = slice(2 * example, 2 * example + 2)
+        with tf.GradientTape() as tape:
+            inner = tf.reduce_sum(layer(x[rows]) * dz[rows])
+        expected = tape.gradient(inner, layer.kernel)
+        np.testing.assert_allclose(by_taps[example].numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)

@@ -77,18 +77,51 @@ def _linear_vjp(build_fn, variable, cotangents):
     return tf.vectorized_map(one, cotangents)
 
 
+def _padding_amounts(size, k, s, padding):
+    """(before, after, output size) of TensorFlow's padding rule along one spatial axis."""
+    if padding == "VALID":
+        return 0, 0, (size - k) // s + 1
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return total // 2, total - total // 2, out
+
+
+def _kernel_grad_by_patches(x, dz_rows, k, s, padding, batch):
+    patches = tf.image.extract_patches(x, sizes=[1, k, k, 1], strides=[1, s, s, 1], rates=[1, 1, 1, 1], padding=padding)
+    patches = tf.reshape(patches, [batch, -1, tf.shape(patches)[-1]])
+    grad = tf.linalg.matmul(patches, dz_rows, transpose_a=True)  # [B, k*k*C_in, C_out]
+    return tf.reshape(grad, [batch, k, k, x.shape[-1], -1])
+
+
+def _kernel_grad_by_taps(x, dz_rows, k, s, padding, batch):
+    """One [B, K*H'*W', C_in]^T @ [B, K*H'*W', C_out] matmul per kernel tap on a shifted view of x.
+
+    Same result as the patches matmul, without materialising the k*k-times larger patches tensor
+    (ExtractImagePatches measured 1.5-2x slower than this on a CPU for the model's 3x3 convs).
+    """
+    height, width, in_channels = x.shape[1], x.shape[2], x.shape[-1]
+    top, bottom, out_h = _padding_amounts(height, k, s, padding)
+    left, right, out_w = _padding_amounts(width, k, s, padding)
+    if top or bottom or left or right:
+        x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+    taps = []
+    for i in range(k):
+        for j in range(k):
+            shifted = x[:, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s, :]
+            taps.append(tf.linalg.matmul(tf.reshape(shifted, [batch, -1, in_channels]), dz_rows, transpose_a=True))
+    grad = tf.stack(taps, axis=1)  # [B, k*k, C_in, C_out]
+    return tf.reshape(grad, [batch, k, k, in_channels, -1])
+
+
 def _conv_rule(layer, x, dz, batch, num_views):
     k, s, padding = _conv_geometry(layer)
     x = tf.cast(x, dz.dtype)
-    patches = tf.image.extract_patches(x, sizes=[1, k, k, 1], strides=[1, s, s, 1], rates=[1, 1, 1, 1], padding=padding)
-    depth = tf.shape(patches)[-1]
     out_channels = tf.shape(dz)[-1]
-    # [B, K*H'*W', k*k*C_in]^T @ [B, K*H'*W', C_out] -> per-example gradient of the (expanded) kernel.
-    patches = tf.reshape(patches, [batch, -1, depth])
+    # Per-example gradient of the (expanded) kernel: patches(x)^T @ dz per example, its K views' rows together.
     dz_rows = tf.reshape(dz, [batch, -1, out_channels])
-    kernel_grad = tf.linalg.matmul(patches, dz_rows, transpose_a=True)
-    in_channels = x.shape[-1]
-    kernel_grad = tf.reshape(kernel_grad, [batch, k, k, in_channels, -1])
+    static = x.shape[1] is not None and x.shape[2] is not None and x.shape[-1] is not None
+    by_taps = _kernel_grad_by_taps if static else _kernel_grad_by_patches
+    kernel_grad = by_taps(x, dz_rows, k, s, padding, batch)
     bias_grad = tf.reduce_sum(dz_rows, axis=1)  # [B, C_out]
     grads = []
     if hasattr(layer, "expanded_kernel"):
