@@ -228,6 +228,29 @@ class _Sampler:
                 for i in range(count)]
 
 
+def split_for_replicas(indices, physical_batch_size: int, num_replicas: int) -> List[PhysicalBatch]:
+    """A logical batch's ``indices`` dealt out to ``num_replicas`` replicas, ``physical_batch_size`` rows at a time.
+
+    Returns ceil(n / (R*P)) batches (at least one, as ``physical_batches``) whose ``indices`` and ``mask`` are
+    [R, P]: row r is replica r's physical batch. Every replica gets the same number of batches (padding slots point
+    at example 0 with mask 0), as collectives need; every sampled example appears exactly once, the j-th of a
+    global batch of R*P going to replica j % R, so real examples are spread evenly over the replicas.
+    """
+    indices = np.asarray(indices, np.int64)
+    physical_batch_size = _check_int("physical_batch_size", physical_batch_size, 1)
+    num_replicas = _check_int("num_replicas", num_replicas, 1)
+    size = physical_batch_size * num_replicas
+    count = max(1, math.ceil(len(indices) / size))
+    padded = np.zeros(count * size, np.int64)
+    padded[: len(indices)] = indices
+    mask = np.zeros(count * size, np.float32)
+    mask[: len(indices)] = 1.0
+    shape = (count, physical_batch_size, num_replicas)
+    padded = padded.reshape(shape).transpose(0, 2, 1)
+    mask = mask.reshape(shape).transpose(0, 2, 1)
+    return [PhysicalBatch(np.ascontiguousarray(padded[i]), np.ascontiguousarray(mask[i])) for i in range(count)]
+
+
 class PoissonSampler(_Sampler):
     """Includes each example independently with probability q: the sampling RDP accounting assumes."""
 
@@ -310,9 +333,10 @@ def augment_views(images: tf.Tensor, num_views: int, seed: tf.Tensor) -> tf.Tens
 # tf.data pipelines
 
 
-def _augment_seed(seed, step, batch_index):
-    """A stateless-op seed that depends only on (seed, step, physical batch), so resumes match."""
-    rng = np.random.default_rng([_AUGMENT_STREAM, seed, step, batch_index])
+def _augment_seed(seed, step, batch_index, replica=None):
+    """A stateless-op seed that depends only on (seed, step, physical batch[, replica]), so resumes match."""
+    entropy = [_AUGMENT_STREAM, seed, step, batch_index] + ([] if replica is None else [replica])
+    rng = np.random.default_rng(entropy)
     return rng.integers(0, 2**31 - 1, size=2, dtype=np.int64)
 
 
@@ -327,12 +351,20 @@ def _check_arrays(images, labels):
 
 
 def make_train_dataset(images, labels, sampler, num_views: int, seed: int,
-                       start_step: int = 0, num_steps: Optional[int] = None) -> tf.data.Dataset:
+                       start_step: int = 0, num_steps: Optional[int] = None,
+                       num_replicas: int = 1, replica_ids=None) -> tf.data.Dataset:
     """All physical batches of logical steps start_step .. start_step+num_steps-1, in order.
 
     Elements are dicts: views uint8 [P,K,32,32,3], labels int64 [P], mask float32 [P], step int64 scalar
     and last bool scalar (True on the final physical batch of its step, where the optimiser applies the
     noisy update). `num_steps=None` streams steps without end.
+
+    With `num_replicas` R > 1, each logical batch is dealt out to R replicas by `split_for_replicas` (P =
+    `sampler.physical_batch_size` rows per replica and physical batch), and the elements hold only the rows of
+    the replicas in `replica_ids` (default: all), with a leading axis over them: views [L,P,K,32,32,3], labels
+    [L,P], mask [L,P]. Every process of a multi-worker run draws the whole logical batch (a pure function of the
+    sampler's seed and the step) and keeps its own replicas' share, so all agree on the batch and on the number
+    of physical batches per step. Each replica's views are augmented with a seed of their own.
     """
     images, labels = _check_arrays(images, labels)
     if sampler.num_examples != len(labels):
@@ -342,28 +374,62 @@ def make_train_dataset(images, labels, sampler, num_views: int, seed: int,
     start_step = _check_int("start_step", start_step, 0)
     if num_steps is not None:
         num_steps = _check_int("num_steps", num_steps, 1)
+    num_replicas = _check_int("num_replicas", num_replicas, 1)
+    replica_ids = tuple(range(num_replicas)) if replica_ids is None else tuple(int(r) for r in replica_ids)
+    if not replica_ids or any(not 0 <= r < num_replicas for r in replica_ids):
+        raise ConfigError(f"replica_ids must be some of 0..{num_replicas - 1}, got {replica_ids}.")
     size = sampler.physical_batch_size
-
-    def batches():
-        # Only the cheap index sampling runs in Python; gathering and augmenting run in the parallel map.
-        step = start_step
-        while num_steps is None or step < start_step + num_steps:
-            physical = sampler.physical_batches(step)
-            for i, batch in enumerate(physical):
-                yield batch.indices, batch.mask, np.int64(step), i == len(physical) - 1, _augment_seed(seed, step, i)
-            step += 1
-
-    signature = (
-        tf.TensorSpec([size], tf.int64), tf.TensorSpec([size], tf.float32), tf.TensorSpec([], tf.int64),
-        tf.TensorSpec([], tf.bool), tf.TensorSpec([2], tf.int64),
-    )
     image_table = tf.constant(images)
     label_table = tf.constant(labels)
 
-    def build(indices, mask, step, last, aug_seed):
-        views = augment_views(tf.gather(image_table, indices), num_views, aug_seed)
-        views = tf.ensure_shape(views, [size, num_views, *IMAGE_SHAPE])
-        return {"views": views, "labels": tf.gather(label_table, indices), "mask": mask, "step": step, "last": last}
+    def steps():
+        step = start_step
+        while num_steps is None or step < start_step + num_steps:
+            yield step
+            step += 1
+
+    if num_replicas == 1:
+        def batches():
+            # Only the cheap index sampling runs in Python; gathering and augmenting run in the parallel map.
+            for step in steps():
+                physical = sampler.physical_batches(step)
+                for i, batch in enumerate(physical):
+                    yield (batch.indices, batch.mask, np.int64(step), i == len(physical) - 1,
+                           _augment_seed(seed, step, i))
+
+        signature = (
+            tf.TensorSpec([size], tf.int64), tf.TensorSpec([size], tf.float32), tf.TensorSpec([], tf.int64),
+            tf.TensorSpec([], tf.bool), tf.TensorSpec([2], tf.int64),
+        )
+
+        def build(indices, mask, step, last, aug_seed):
+            views = augment_views(tf.gather(image_table, indices), num_views, aug_seed)
+            views = tf.ensure_shape(views, [size, num_views, *IMAGE_SHAPE])
+            return {"views": views, "labels": tf.gather(label_table, indices), "mask": mask, "step": step,
+                    "last": last}
+    else:
+        rows = np.asarray(replica_ids)
+        local = len(replica_ids)
+
+        def batches():
+            for step in steps():
+                physical = split_for_replicas(sampler.sample(step), size, num_replicas)
+                for i, batch in enumerate(physical):
+                    aug_seeds = np.stack([_augment_seed(seed, step, i, r) for r in replica_ids])
+                    yield (batch.indices[rows], batch.mask[rows], np.int64(step), i == len(physical) - 1,
+                           aug_seeds)
+
+        signature = (
+            tf.TensorSpec([local, size], tf.int64), tf.TensorSpec([local, size], tf.float32),
+            tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.bool), tf.TensorSpec([local, 2], tf.int64),
+        )
+
+        def build(indices, mask, step, last, aug_seeds):
+            views = tf.stack([augment_views(tf.gather(image_table, indices[j]), num_views, aug_seeds[j])
+                              for j in range(local)])
+            views = tf.ensure_shape(views, [local, size, num_views, *IMAGE_SHAPE])
+            return {"views": views, "labels": tf.gather(label_table, indices), "mask": mask, "step": step,
+                    "last": last}
 
     dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
     return dataset.map(build, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -15,6 +15,11 @@ The step is split into small named pieces, after TF-Privacy's `keras_models/dp_k
    optimizer's `GaussianSumQuery`, division by the *expected* batch size q*N (Poisson sampling:
    the sampled count itself is private), `apply_gradients`, then the accumulators are reset.
 
+Under a `tf.distribute` strategy (a `DPStep` made in its scope) each replica accumulates the clipped gradients of
+its share of the logical batch; `apply` then draws the noise on replica 0 only, all-reduces the replicas' sums and
+has every replica apply that same global update to its copy of the weights: the update is exactly the
+single-device one, with one noise draw per logical step (not one per replica).
+
 Nothing here knows about groups or equivariance. Models must not use batch statistics
 (BatchNorm): `model(x, training=True)` is assumed to treat examples independently.
 """
@@ -134,9 +139,27 @@ class DPKerasSGDOptimizer(VectorizedDPKerasSGDOptimizer):
         self._was_dp_gradients_called = True
         return noised
 
-    def apply_gradients_without_privacy(self, grads_and_vars, name=None):
+    def replica_share(self, summed_clipped_grads, replica_id):
+        """Replica ``replica_id``'s share of one noised sum over several replicas.
+
+        Replica 0's share is its clipped sum plus the noise (`noised_sum`); the others' are their clipped sums
+        unchanged. Summing the shares of all replicas (an all-reduce) gives the sum of every clipped gradient plus
+        exactly one draw of N(0, (sigma*C)^2), whatever the number of replicas. ``replica_id`` is a Python int, or
+        a scalar tensor (then both cases are traced).
+        """
+        grads = list(summed_clipped_grads)
+        static = tf.get_static_value(replica_id)
+        if static is not None:
+            if int(static) == 0:
+                return self.noised_sum(grads)
+            self._was_dp_gradients_called = True  # this share is part of the noised sum of the logical batch
+            return grads
+        self._was_dp_gradients_called = True
+        return tf.cond(tf.equal(replica_id, 0), lambda: self.noised_sum(grads), lambda: grads)
+
+    def apply_gradients_without_privacy(self, grads_and_vars, name=None, **kwargs):
         """Plain SGD update that bypasses the DP check: only for `DPStep(dp=False)` baselines."""
-        return _BASE_SGD.apply_gradients(self, grads_and_vars, name=name)
+        return _BASE_SGD.apply_gradients(self, grads_and_vars, name=name, **kwargs)
 
     def _compute_gradients(self, loss, var_list, grad_loss=None, tape=None):
         raise ConfigError(
@@ -293,6 +316,10 @@ class DPStep:
             stats = accumulate(views, labels, mask)
         step.compiled_apply()()                          # noise once, / expected_batch_size
 
+    Under a `tf.distribute` strategy, make the model, the optimizer and the `DPStep` in its scope, call
+    `compiled_accumulate` with per-replica inputs (each replica's share of the physical batch; the returned
+    statistics are summed over all replicas) and `compiled_apply` as above; see `apply`.
+
     Args:
       model: a built Keras model (no BatchNorm).
       loss_fn: `loss_fn(labels, logits)` -> per-example losses; None means sparse categorical
@@ -319,16 +346,26 @@ class DPStep:
         if per_example_method not in PER_EXAMPLE_METHODS:
             raise ConfigError(f"per_example_method must be one of {PER_EXAMPLE_METHODS}, got {per_example_method!r}")
         self._per_example_method = per_example_method
+        # The strategy whose scope the step is made in (the default one outside any). Each replica keeps its own
+        # running sum (ON_READ: read in cross-replica context, the sums of all replicas are added).
+        self._strategy = tf.distribute.get_strategy()
+        self._distributed = tf.distribute.has_strategy()
         self._accumulators = [
-            tf.Variable(tf.zeros_like(v), trainable=False, name=f"grad_sum_{i}")
+            tf.Variable(tf.zeros_like(v), trainable=False, name=f"grad_sum_{i}",
+                        synchronization=tf.VariableSynchronization.ON_READ, aggregation=tf.VariableAggregation.SUM)
             for i, v in enumerate(model.trainable_variables)
         ]
         self._compiled_accumulate = {}
         self._compiled_apply = {}
+        self._compiled_finite = None
+        self._compiled_reset = None
 
     @property
     def accumulators(self):
-        """Running sums of (clipped, unnoised) per-example gradients, aligned with the trainable variables."""
+        """Running sums of (clipped, unnoised) per-example gradients, aligned with the trainable variables.
+
+        Under a strategy each replica has its own; reading one outside `strategy.run` gives the sum over replicas.
+        """
         return self._accumulators
 
     @property
@@ -403,37 +440,126 @@ class DPStep:
         return grads, losses, logits
 
     def apply(self):
-        """One optimizer step from the accumulated sum: noise once, / expected_batch_size, reset."""
+        """One optimizer step from the accumulated sum: noise once, / expected_batch_size, reset.
+
+        With several replicas (run in each by `compiled_apply`): replica 0 adds the noise to its sum
+        (`replica_share`), the replicas' sums are all-reduced, and each replica applies the resulting global update
+        to its own copy of the weights, without the optimizer's cross-replica aggregation (which would add the
+        replicas' updates up). So every copy gets the same update, with one noise draw, as on one device.
+        """
+        context = tf.distribute.get_replica_context()
+        if context is None:
+            raise ConfigError("DPStep.apply runs in replica context: call compiled_apply() under a strategy")
+        replicas = context.num_replicas_in_sync
         summed = [acc.read_value() for acc in self._accumulators]
         if self._dp:
-            summed = self._optimizer.noised_sum(summed)
+            if replicas == 1:
+                summed = self._optimizer.noised_sum(summed)
+            else:
+                summed = self._optimizer.replica_share(summed, context.replica_id_in_sync_group)
+        if replicas > 1:
+            summed = context.all_reduce(tf.distribute.ReduceOp.SUM, summed)
         scale = 1.0 / self._optimizer.expected_batch_size
         grads_and_vars = [(g * scale, v) for g, v in zip(summed, self._model.trainable_variables)]
+        options = {} if replicas == 1 else {"experimental_aggregate_gradients": False}
         if self._dp:
-            self._optimizer.apply_gradients(grads_and_vars)
+            self._optimizer.apply_gradients(grads_and_vars, **options)
             # A further apply_gradients must again be preceded by noised_sum.
             self._optimizer._was_dp_gradients_called = False  # pylint: disable=protected-access
         else:
-            self._optimizer.apply_gradients_without_privacy(grads_and_vars)
+            self._optimizer.apply_gradients_without_privacy(grads_and_vars, **options)
         for acc in self._accumulators:
             acc.assign(tf.zeros_like(acc))
+
+    def reset(self):
+        """Drops the accumulated sums (of every replica) without applying them."""
+        if not self._distributed:
+            for acc in self._accumulators:
+                acc.assign(tf.zeros_like(acc))
+            return
+
+        if self._compiled_reset is None:
+            def zero():
+                for acc in self._accumulators:
+                    acc.assign(tf.zeros(acc.shape, acc.dtype))
+
+            self._compiled_reset = tf.function(lambda: self._strategy.run(zero), autograph=False)
+        self._compiled_reset()
+
+    def compiled_accumulated_finite(self):
+        """A tf.function telling whether the accumulated sums of every replica are finite (no nan or inf)."""
+        if self._compiled_finite is None:
+            def local():
+                return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(a.read_value()))
+                                               for a in self._accumulators]))
+
+            if not self._distributed:
+                self._compiled_finite = tf.function(local, autograph=False)
+            else:
+                strategy = self._strategy
+
+                def all_replicas():
+                    bad = strategy.run(lambda: 1.0 - tf.cast(local(), tf.float32))
+                    return tf.equal(strategy.reduce(tf.distribute.ReduceOp.SUM, bad, axis=None), 0.0)
+
+                self._compiled_finite = tf.function(all_replicas, autograph=False)
+        return self._compiled_finite
 
     # Both methods are straight-line TensorFlow code, so they are traced without autograph: autograph
     # would re-raise a ConfigError found while tracing as a StagingError.
 
+    def _stat_names(self):
+        return ("loss_sum", "num_correct", "count") + (("grad_norm_mean", "clipped_fraction") if self._dp else ())
+
     def compiled_accumulate(self, jit_compile=False):
-        """`accumulate` as a tf.function, cached per `jit_compile`; traced once per input shape."""
+        """`accumulate` as a tf.function, cached per `jit_compile`; traced once per input shape.
+
+        Under a strategy it runs `accumulate` on every replica (inputs per replica, e.g. from
+        `strategy.experimental_distribute_values_from_function`) and returns the statistics of all of them
+        (sums, and means over all real examples), the same on every worker.
+        """
         key = bool(jit_compile)
         if key not in self._compiled_accumulate:
-            self._compiled_accumulate[key] = tf.function(self.accumulate, jit_compile=key, autograph=False)
+            local = tf.function(self.accumulate, jit_compile=key, autograph=False)
+            if not self._distributed:
+                self._compiled_accumulate[key] = local
+            else:
+                names, strategy = self._stat_names(), self._strategy
+                means = ("grad_norm_mean", "clipped_fraction")
+
+                def replica(views, labels, mask):
+                    stats = local(views, labels, mask)
+                    # Means become sums over real examples, so that one all-reduce combines everything.
+                    return tf.stack([stats[k] * stats["count"] if k in means else stats[k] for k in names])
+
+                def run(views, labels, mask):
+                    if strategy.num_replicas_in_sync > 1 and not all(
+                            isinstance(x, tf.distribute.DistributedValues) for x in (views, labels, mask)):
+                        # Every replica would clip and add the same examples: counted once per replica.
+                        raise ConfigError("under a strategy with several replicas, accumulate takes per-replica "
+                                          "inputs (each replica's own share of the physical batch)")
+                    total = strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                            strategy.run(replica, args=(views, labels, mask)), axis=None)
+                    stats = dict(zip(names, tf.unstack(total)))
+                    for k in means:
+                        if k in stats:
+                            stats[k] = tf.math.divide_no_nan(stats[k], stats["count"])
+                    return stats
+
+                self._compiled_accumulate[key] = tf.function(run, autograph=False)
         return self._compiled_accumulate[key]
 
     def compiled_apply(self, jit_compile=False):
-        """`apply` as a tf.function, cached per `jit_compile`.
+        """`apply` as a tf.function, cached per `jit_compile`; under a strategy, run on every replica.
 
-        The first call traces twice (the optimizer creates its variables then); later calls reuse it.
+        The first call traces twice if the optimizer creates its variables then; later calls reuse it. Under a
+        strategy `jit_compile` is not used for `apply` (it holds the all-reduce; it is cheap next to `accumulate`).
         """
         key = bool(jit_compile)
         if key not in self._compiled_apply:
-            self._compiled_apply[key] = tf.function(self.apply, jit_compile=key, autograph=False)
+            if not self._distributed:
+                self._compiled_apply[key] = tf.function(self.apply, jit_compile=key, autograph=False)
+            else:
+                strategy = self._strategy
+                self._compiled_apply[key] = tf.function(lambda: strategy.run(self.apply), autograph=False)
         return self._compiled_apply[key]
