@@ -19,6 +19,8 @@ from eqdp_tf.models import ARCHITECTURES, HEADS
 SAMPLINGS = ("poisson", "shuffle")
 VIEW_REDUCTIONS = ("sum", "mean")
 JIT_CHOICES = ("auto", "true", "false")
+# As eqdp_tf.training.distribution.DISTRIBUTIONS (not imported here: that module imports TensorFlow).
+DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
 
 
 @dataclasses.dataclass
@@ -61,6 +63,9 @@ class TrainConfig:
     seed: int = 0
     jit_compile: str = "auto"
     export: bool = True
+    # none: one device; mirrored: every GPU of this host; multi_worker: every GPU of every host in TF_CONFIG.
+    # physical_batch_size is per replica. The privacy (and the update of each step) is that of one device.
+    distribution: str = "none"
 
     def __post_init__(self):
         self.validate()
@@ -82,6 +87,7 @@ class TrainConfig:
         choice("sampling", SAMPLINGS)
         choice("view_reduction", VIEW_REDUCTIONS)
         choice("jit_compile", JIT_CHOICES)
+        choice("distribution", DISTRIBUTIONS)
         for name in ("steps", "batch_size", "physical_batch_size", "num_views", "eval_every", "eval_batch_size",
                      "checkpoint_every", "log_every"):
             positive(name)
@@ -133,10 +139,11 @@ class TrainConfig:
     def to_json(self):
         return dataclasses.asdict(self)
 
-    # Settings that may differ when a run is resumed: they change neither the model nor the privacy.
+    # Settings that may differ when a run is resumed: they change neither the model nor the privacy. (The
+    # distribution changes only which device clips which example, and the augmentation crops.)
     RESUMABLE_CHANGES = ("output_dir", "eval_every", "eval_batch_size", "checkpoint_every", "log_every",
                          "jit_compile", "export", "data_dir", "physical_batch_size", "test_subset",
-                         "allow_privacy_change")
+                         "allow_privacy_change", "distribution")
     # Settings that change the privacy of the remaining steps (sigma, q = batch/N, C, delta, N). A resume may change
     # them only with --allow_privacy_change; epsilon then composes the steps taken under each setting.
     PRIVACY_SETTINGS = ("noise_multiplier", "target_epsilon", "l2_norm_clip", "delta", "batch_size", "train_subset")
@@ -176,7 +183,8 @@ def define_flags():
     flags.DEFINE_enum("head", d.head, HEADS, "'paper': 2x2 avg pool + linear; 'invariant': global pool + linear.")
     flags.DEFINE_integer("steps", d.steps, "Number of DP-SGD (logical) steps.")
     flags.DEFINE_integer("batch_size", d.batch_size, "Expected logical batch size (Poisson: q = batch_size / N).")
-    flags.DEFINE_integer("physical_batch_size", d.physical_batch_size, "Examples per forward/backward pass.")
+    flags.DEFINE_integer("physical_batch_size", d.physical_batch_size,
+                         "Examples per forward/backward pass (per device with --distribution).")
     flags.DEFINE_integer("num_views", d.num_views, "Augmentation multiplicity K (1 = no augmentation).")
     flags.DEFINE_enum("view_reduction", d.view_reduction, VIEW_REDUCTIONS, "How K views' gradients combine before clipping.")
     flags.DEFINE_float("learning_rate", d.learning_rate, "SGD learning rate.")
@@ -206,6 +214,10 @@ def define_flags():
     flags.DEFINE_integer("seed", d.seed, "Seed for initialisation, sampling, augmentation and noise.")
     flags.DEFINE_enum("jit_compile", d.jit_compile, JIT_CHOICES, "XLA: auto = on with a GPU, off on CPU.")
     flags.DEFINE_boolean("export", d.export, "Export a SavedModel at the end.")
+    flags.DEFINE_enum("distribution", d.distribution, DISTRIBUTIONS,
+                      "none: one device; mirrored: all GPUs of this host (tf.distribute.MirroredStrategy); "
+                      "multi_worker: all GPUs of every host in the TF_CONFIG environment variable "
+                      "(MultiWorkerMirroredStrategy). Same update and privacy as on one device.")
 
 
 def _given(f, name):

@@ -164,6 +164,13 @@ class StopSignals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
+    def reinstall(self):
+        """Takes SIGINT/SIGTERM back after something else took them (MultiWorkerMirroredStrategy's coordination
+        service installs a C++ SIGTERM handler for its preemption notices, which would swallow our SIGTERM)."""
+        if self._previous:
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._handle)
+
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

@@ -8,24 +8,31 @@ number of steps and the same epsilon as an uninterrupted run. Every step's priva
 ``privacy_ledger.jsonl`` before anything derived from it is written, and the state is only ever written out
 at checkpointed steps (evaluation, export), so the steps lost in a crash were never observable and are simply
 taken again. SIGINT/SIGTERM stop at the next physical batch with a checkpoint and exit code 130/143.
+
+Several devices and hosts (``--distribution``, see ``distribution``): every worker runs ``run``; the chief alone
+reads and writes the run folder and hands the others what they need through collectives; decisions that end the
+loop (a stop signal, non-finite values, an error on the chief) are taken by all workers at the same point, so no
+worker is left waiting in a collective.
 """
 
+import hashlib
 import json
 import math
 import os
 import signal
 import time
 
+import numpy as np
 import tensorflow as tf
 
 from eqdp_tf import data as data_lib
 from eqdp_tf import export as export_lib
 from eqdp_tf import models
-from eqdp_tf.config import TrainConfig, load_saved
+from eqdp_tf.config import TrainConfig, load_saved, one_line
 from eqdp_tf.errors import ConfigError, DataError, PrivacyError, UserError
 from eqdp_tf.privacy import accounting
 from eqdp_tf.privacy.dp_step import DPStep
-from eqdp_tf.training import checkpoint_rng
+from eqdp_tf.training import checkpoint_rng, distribution
 from eqdp_tf.training.checkpoint import (CHECKPOINT_DIR, CheckpointStore, Interrupted, StopSignals,
                                          write_json_atomic)
 from eqdp_tf.training.checkpoint_journal import JOURNAL_NAME, JournalError, PrivacyJournal, describe_steps
@@ -200,19 +207,45 @@ def run(cfg: TrainConfig):
 
     Raises ``checkpoint.Interrupted`` after a SIGINT/SIGTERM (a checkpoint has been written), and a
     ``UserError`` for bad input or a run that cannot go on.
+
+    With ``--distribution=multi_worker`` every worker runs this; only the chief writes files (see
+    ``distribution``), and the others return ``{"worker": index, "steps": steps}`` plus the chief's final metrics.
     """
     with StopSignals() as stop:
         training = _Training(cfg, stop)
         try:
             return training.run()
+        except _LOST_PEER_ERRORS as err:
+            if training.dist is None or training.dist.num_workers == 1:
+                raise
+            detail = one_line(err)
+            detail = detail if len(detail) <= 200 else detail[:200] + "..."
+            raise distribution.WorkerError(
+                f"lost contact with another worker ({type(err).__name__}: {detail}); the chief's last "
+                "checkpoint is kept: restart every worker with the same command to resume") from None
         finally:
             training.close()
+
+
+# What a collective raises when a peer worker has died or is unreachable.
+_LOST_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+                     tf.errors.DeadlineExceededError)
+# Settings in which the workers of one run may differ from the chief: paths on their own host, and XLA.
+_WORKER_LOCAL_SETTINGS = ("output_dir", "data_dir", "jit_compile")
+
+
+def _fingerprint(images, labels):
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(images).data)
+    digest.update(np.ascontiguousarray(labels).data)
+    return digest.hexdigest()
 
 
 class _Training:
     def __init__(self, cfg, stop):
         self.cfg = cfg
         self.stop = stop
+        self.dist = None
         self.journal = None
         self.writer = None
 
@@ -249,114 +282,131 @@ class _Training:
                 "--allow_privacy_change to continue with these (epsilon then composes both parts)"
             )
 
+    def _open_run_folder(self):
+        """Chief: checks or creates the run folder and opens its journal; returns the changed privacy settings."""
+        cfg, out = self.cfg, self.cfg.output_dir
+        changes = prepare_output_dir(cfg)
+        self.journal = journal = PrivacyJournal(os.path.join(out, JOURNAL_NAME))
+        self.store = store = CheckpointStore(None, os.path.join(out, CHECKPOINT_DIR))
+        if store.steps() and not journal.has_steps:
+            raise JournalError(f"--output_dir {out} holds checkpoints but no record of their privacy in "
+                               f"{JOURNAL_NAME}, so the privacy already spent is unknown; use another folder")
+        return changes
+
+    def _plan(self, num_examples, changes, fingerprint):
+        """Chief: where to start, with which sigma and key; returns what every worker needs (JSON)."""
+        cfg, journal = self.cfg, self.journal
+        _make_sampler(cfg, num_examples)  # rejects q > 1 before anything else is decided
+        q = cfg.batch_size / num_examples
+        self._check_dataset_size(num_examples)
+        self.skipped = []
+        start, self.prefix = self.store.latest_valid(on_skip=lambda p, err: self.skipped.append((p, err)))
+        self.plan = plan = journal.plan_resume(start)
+        sigma = self._resolve_sigma(q, plan, changes)
+        # Everything this run will have spent at its end: what is spent already, then the remaining steps.
+        self.planned = planned = journal.ledger()
+        planned.record(q, sigma, cfg.steps - start)
+        self.planned_epsilon = planned.epsilon(cfg.delta) if cfg.dp else math.inf
+        if cfg.dp and cfg.noise_multiplier is not None and cfg.target_epsilon is not None \
+                and self.planned_epsilon > cfg.target_epsilon:
+            raise PrivacyError(
+                f"--noise_multiplier={sigma:g} gives epsilon {self.planned_epsilon:.4g} after --steps={cfg.steps}, "
+                f"above --target_epsilon={cfg.target_epsilon:g}: the two contradict each other; drop one (or raise "
+                "the noise)")
+        self.warnings = []
+        if cfg.dp:
+            self.warnings = accounting.validate_privacy_params(
+                noise_multiplier=sigma, sampling_rate=q, steps=cfg.steps, delta=cfg.delta,
+                l2_norm_clip=cfg.l2_norm_clip, dataset_size=num_examples,
+            )
+        key = checkpoint_rng.load_or_create_key(cfg.output_dir, cfg.dp_seed)
+        return {"start": start, "restore": self.prefix is not None, "sigma": sigma, "key": f"{key:064x}",
+                "salts": sorted(plan.salts.items()), "config": cfg.to_json(), "fingerprint": fingerprint}
+
+    def _check_worker(self, shared, fingerprint):
+        """Worker: its flags and data must be the chief's (same batches, same split over replicas)."""
+        mine = self.cfg.to_json()
+        differ = sorted(k for k in set(mine) | set(shared["config"])
+                        if k not in _WORKER_LOCAL_SETTINGS and mine.get(k) != shared["config"].get(k))
+        if differ:
+            raise ConfigError(f"worker {self.dist.worker_index} was started with other flags than the chief (differ "
+                              f"in: {', '.join(differ)}); start every worker with the same flags")
+        if fingerprint != shared["fingerprint"]:
+            raise DataError(f"worker {self.dist.worker_index} has other training data than the chief (check "
+                            "--data_dir on every host): the examples of a sampled batch would not be the same")
+
     def run(self):
         started = time.monotonic()
         cfg = self.cfg
         out = cfg.output_dir
-        changes = prepare_output_dir(cfg)
-        self.journal = journal = PrivacyJournal(os.path.join(out, JOURNAL_NAME))
-        store = CheckpointStore(None, os.path.join(out, CHECKPOINT_DIR))
-        if store.steps() and not journal.has_steps:
-            raise JournalError(f"--output_dir {out} holds checkpoints but no record of their privacy in "
-                               f"{JOURNAL_NAME}, so the privacy already spent is unknown; use another folder")
+        # First: MultiWorkerMirroredStrategy must start before TensorFlow initialises its runtime.
+        self.dist = dist = distribution.build(cfg.distribution)
+        self.stop.reinstall()
+        chief = dist.is_chief
+        changes = dist.from_chief(self._open_run_folder, "checking --output_dir") or {}
         tf.keras.utils.set_random_seed(cfg.seed)
-        train_images, train_labels, test_images, test_labels = load_data(cfg)
-        num_examples = len(train_labels)
-        _make_sampler(cfg, num_examples)  # rejects q > 1 before anything else is decided
+        train_images, train_labels, test_images, test_labels = dist.on_every_worker(
+            lambda: load_data(cfg), "loading the data")
+        num_examples, self._num_test = len(train_labels), len(test_labels)
+        fingerprint = _fingerprint(train_images, train_labels) if dist.num_workers > 1 else None
+        shared = dist.from_chief(lambda: self._plan(num_examples, changes, fingerprint), "planning the run")
+        if dist.num_workers > 1:
+            dist.on_every_worker(lambda: chief or self._check_worker(shared, fingerprint),
+                                 "comparing the workers' flags and data")
+        start, sigma = shared["start"], shared["sigma"]
         q = cfg.batch_size / num_examples
-        self._check_dataset_size(num_examples)
-
-        skipped = []
-        start, prefix = store.latest_valid(on_skip=lambda p, err: skipped.append((p, err)))
-        plan = journal.plan_resume(start)
-        sigma = self._resolve_sigma(q, plan, changes)
-        # Everything this run will have spent at its end: what is spent already, then the remaining steps.
-        planned = journal.ledger()
-        planned.record(q, sigma, cfg.steps - start)
-        planned_epsilon = planned.epsilon(cfg.delta) if cfg.dp else math.inf
-        if cfg.dp and cfg.noise_multiplier is not None and cfg.target_epsilon is not None \
-                and planned_epsilon > cfg.target_epsilon:
-            raise PrivacyError(
-                f"--noise_multiplier={sigma:g} gives epsilon {planned_epsilon:.4g} after --steps={cfg.steps}, above "
-                f"--target_epsilon={cfg.target_epsilon:g}: the two contradict each other; drop one (or raise the "
-                "noise)")
-        warnings = []
-        if cfg.dp:
-            warnings = accounting.validate_privacy_params(
-                noise_multiplier=sigma, sampling_rate=q, steps=cfg.steps, delta=cfg.delta,
-                l2_norm_clip=cfg.l2_norm_clip, dataset_size=num_examples,
-            )
-        randomness = checkpoint_rng.StepRandomness(checkpoint_rng.load_or_create_key(out, cfg.dp_seed), plan.salts)
+        randomness = checkpoint_rng.StepRandomness(int(shared["key"], 16), {int(t): a for t, a in shared["salts"]})
         sampler = checkpoint_rng.SaltedSampler(lambda seed: _make_sampler(cfg, num_examples, seed), randomness)
 
         jit = resolve_jit(cfg.jit_compile)
-        model = build_model(cfg)
-        ema_model = build_model(cfg)
-        optimizer = checkpoint_rng.KeyedNoiseDPOptimizer(
-            l2_norm_clip=cfg.l2_norm_clip, noise_multiplier=sigma, expected_batch_size=sampler.expected_batch_size,
-            learning_rate=cfg.learning_rate, momentum=cfg.momentum,
-        )
-        step_fn = DPStep(model, None, optimizer, view_reduction=cfg.view_reduction, dp=cfg.dp)
+        with dist.scope():  # the weights, the optimizer's variables and the gradient sums live on every replica
+            model = build_model(cfg)
+            ema_model = build_model(cfg)
+            optimizer = checkpoint_rng.KeyedNoiseDPOptimizer(
+                l2_norm_clip=cfg.l2_norm_clip, noise_multiplier=sigma,
+                expected_batch_size=sampler.expected_batch_size, learning_rate=cfg.learning_rate,
+                momentum=cfg.momentum,
+            )
+            # Made now rather than at the first update, so that a checkpoint restores them at once (and the chief
+            # can hand them on to the other workers).
+            optimizer._create_all_weights(model.trainable_variables)  # pylint: disable=protected-access
+            step_fn = DPStep(model, None, optimizer, view_reduction=cfg.view_reduction, dp=cfg.dp)
+            ema = WeightAverage(model, ema_model, cfg.ema_decay)
         accumulate = step_fn.compiled_accumulate(jit)
         apply_update = step_fn.compiled_apply(jit)
-        ema = WeightAverage(model, ema_model, cfg.ema_decay)
         predict = tf.function(lambda images: ema_model(tf.cast(images, tf.float32), training=False), jit_compile=jit)
-        grads_finite = _all_finite(step_fn.accumulators)
+        grads_finite = step_fn.compiled_accumulated_finite()
         weights_finite = _all_finite(model.weights + ema_model.weights)
 
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         ledger_var = tf.Variable(json.dumps(accounting.PrivacyLedger().to_json()), dtype=tf.string, trainable=False)
-        store.checkpoint = tf.train.Checkpoint(model=model, ema_model=ema_model, optimizer=optimizer, step=step_var,
-                                               ledger=ledger_var)
-        if prefix:
-            store.restore(prefix)
-            if int(step_var.numpy()) != start:
-                raise JournalError(f"checkpoint {prefix} holds step {int(step_var.numpy())}, not {start}")
-        model_ledger = accounting.PrivacyLedger.from_json(json.loads(ledger_var.numpy().decode()))
+        checkpoint = tf.train.Checkpoint(model=model, ema_model=ema_model, optimizer=optimizer, step=step_var,
+                                         ledger=ledger_var)
 
-        journal.begin(start, {
-            "sampling_rate": q, "noise_multiplier": sigma, "l2_norm_clip": cfg.l2_norm_clip,
-            "dataset_size": num_examples, "batch_size": cfg.batch_size, "delta": cfg.delta, "steps": cfg.steps,
-            "dp": cfg.dp, "sampling": cfg.sampling,
-        })
-        if changes:
-            write_json_atomic(os.path.join(out, "config.json"), cfg.to_json())
+        def restore():
+            self.store.checkpoint = checkpoint
+            if self.prefix:
+                self.store.restore(self.prefix)
+                if int(step_var.numpy()) != start:
+                    raise JournalError(f"checkpoint {self.prefix} holds step {int(step_var.numpy())}, not {start}")
 
-        for warning in warnings:
-            print(f"warning: {warning}", flush=True)
-        for path, err in skipped:
-            print(f"warning: checkpoint {path} is unreadable ({err}); set aside, using an older one")
-        print(f"model {model.name}: {model.count_params():,} parameters; train {num_examples}, test {len(test_labels)} "
-              f"examples; XLA {'on' if jit else 'off'}")
-        if cfg.dp:
-            print(f"DP-SGD: q={q:.5g} ({sampler.method}), sigma={sigma:.4g}, C={cfg.l2_norm_clip}, delta={cfg.delta}, "
-                  f"{cfg.steps} steps -> epsilon {planned_epsilon:.3f}"
-                  + (" (assumes Poisson sampling)" if sampler.method != "poisson" else "")
-                  + (f" (composed with the {planned.total_steps - (cfg.steps - start)} steps spent before)"
-                     if changes or plan.retaken else ""))
-            if cfg.dp_seed is not None:
-                print("warning: --dp_seed is set and published in config.json: whoever knows it can recompute the "
-                      "batches and the noise, which voids the guarantee; use it for experiments only")
+        dist.from_chief(restore, "restoring the checkpoint")
+        if shared["restore"]:
+            dist.sync_from_chief(model.weights + ema_model.weights + optimizer.variables())
+        if chief:
+            model_ledger = accounting.PrivacyLedger.from_json(json.loads(ledger_var.numpy().decode()))
+            self._begin(changes, num_examples, q, sigma, sampler, model, jit, start)
         else:
-            print("non-private training (--dp=false): no clipping, no noise, no privacy guarantee")
-        if changes:
-            listed = "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
-            print(f"privacy settings changed ({listed}): epsilon composes the steps taken under each")
-        if start:
-            print(f"resuming from step {start} ({prefix})")
-        if plan.discarded:
-            print(f"steps {describe_steps(plan.discarded)} of an interrupted process were never written out: "
-                  "not counted, taken again")
-        if plan.retaken:
-            print(f"warning: steps {describe_steps(plan.retaken)} were written out in a checkpoint that is lost; "
-                  "they are taken again with fresh sampling and noise, and both takes count toward epsilon")
+            print(f"{dist.describe()}: training with the chief, which writes the run's files", flush=True)
+        journal, store = self.journal, getattr(self, "store", None)
 
-        self.writer = writer = tf.summary.create_file_writer(os.path.join(out, "tensorboard"))
-        eval_data = data_lib.make_eval_dataset(test_images, test_labels, cfg.eval_batch_size)
+        if chief:
+            self.writer = tf.summary.create_file_writer(os.path.join(out, "tensorboard"))
+            eval_data = data_lib.make_eval_dataset(test_images, test_labels, cfg.eval_batch_size)
+            progress = Progress(cfg.steps, start)
+        writer = self.writer
         metrics_path = os.path.join(out, "metrics.jsonl")
-        progress = Progress(cfg.steps, start)
         window, since_eval = _Window(), _Window()
-        result = {}
         state = {"saved": start}
 
         def epsilon_now(pending=False):
@@ -386,8 +436,8 @@ class _Training:
                 raise TrainingError(f"cannot write privacy.json: {err.strerror or err}") from None
             return privacy
 
-        def save_checkpoint(step):
-            """Announces the release in the journal (durably), then writes the checkpoint and privacy.json."""
+        def write_checkpoint(step):
+            """Chief: announces the release in the journal (durably), then writes the checkpoint and privacy.json."""
             if not bool(weights_finite()):
                 raise TrainingError(f"the weights became non-finite (nan or inf) at step {step}; stopped without "
                                     f"writing them (the checkpoint of step {state['saved']} is kept); lower "
@@ -401,9 +451,12 @@ class _Training:
                 message = getattr(err, "strerror", None) or getattr(err, "message", None) or str(err)
                 raise TrainingError(f"writing the checkpoint of step {step} failed ({message}); the checkpoint of "
                                     f"step {state['saved']} is kept") from None
-            state["saved"] = step
             write_privacy(step)
             return path
+
+        def save_checkpoint(step):
+            dist.from_chief(lambda: write_checkpoint(step) and None, f"writing the checkpoint of step {step}")
+            state["saved"] = step
 
         def report(step):
             test_loss, test_acc = evaluate(predict, eval_data)
@@ -434,23 +487,51 @@ class _Training:
             since_eval.reset()
             return record
 
+        def after_step(step, saving, evaluating):
+            """Chief: journal, logs, checkpoint and evaluation of the step just taken; the new metrics or None."""
+            # Recorded before anything derived from this update can leave the process.
+            journal.record_step(step, q, sigma, cfg.l2_norm_clip, num_examples)
+            model_ledger.record(sampling_rate=q, noise_multiplier=sigma)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                rate = window.count / window.seconds if window.seconds else 0.0
+                values = {"loss": window.loss / max(window.count, 1), "acc": window.correct / max(window.count, 1)}
+                if cfg.dp:
+                    values["eps"] = epsilon_now(pending=True)
+                values["ex/s"] = round(rate, 1)
+                progress.update(step, **values)
+                with writer.as_default(step=step):
+                    for name, value in values.items():
+                        tf.summary.scalar(f"train/{name.replace('/', '_per_')}", value)
+                window.reset()
+            # The state is written out only at checkpointed steps: the test metrics follow a checkpoint.
+            if saving:
+                write_checkpoint(step)
+            return report(step) if evaluating else None
+
+        def stop_signal():
+            """The signal to stop on (0: none), the same on every worker; every worker asks at the same points."""
+            return dist.max_over_workers(self.stop.requested or 0)
+
+        result = {}
         step = start
-        if start < cfg.steps and not self.stop.requested:
+        stopping = stop_signal()
+        if start < cfg.steps and not stopping:
             dataset = data_lib.make_train_dataset(
                 train_images, train_labels, sampler, cfg.num_views, cfg.seed, start_step=start,
-                num_steps=cfg.steps - start,
+                num_steps=cfg.steps - start, num_replicas=dist.num_replicas, replica_ids=dist.replica_ids,
             )
             t0 = time.monotonic()
             step_loss = 0.0
             for batch in dataset:
-                stats = accumulate(batch["views"], batch["labels"], batch["mask"])
+                inputs = dist.distribute(batch)
+                stats = accumulate(inputs["views"], inputs["labels"], inputs["mask"])
                 window.add(stats)
                 since_eval.add(stats)
                 step_loss += float(stats["loss_sum"])
                 if not bool(batch["last"]):
-                    if self.stop.requested:  # abandon the half-accumulated step: nothing of it was noised
-                        for acc in step_fn.accumulators:
-                            acc.assign(tf.zeros_like(acc))
+                    stopping = stop_signal()
+                    if stopping:  # abandon the half-accumulated step: nothing of it was noised
+                        step_fn.reset()
                         break
                     continue
                 number = step + 1
@@ -463,72 +544,114 @@ class _Training:
                     )
                 optimizer.set_noise_seed(randomness.noise_seed(number))
                 apply_update()
-                if cfg.dp and not optimizer.keyed_noise_traced:
+                if cfg.dp and 0 in dist.replica_ids and not optimizer.keyed_noise_traced:  # replica 0 adds the noise
                     raise RuntimeError("DPStep.apply no longer draws its noise through optimizer.noised_sum; "
                                        "the keyed (resumable) noise of checkpoint_rng is bypassed")
                 ema.update(step)
                 step = number
                 step_loss = 0.0
-                # Recorded before anything derived from this update can leave the process.
-                journal.record_step(step, q, sigma, cfg.l2_norm_clip, num_examples)
-                model_ledger.record(sampling_rate=q, noise_multiplier=sigma)
                 elapsed = time.monotonic() - t0
                 window.seconds += elapsed
                 since_eval.seconds += elapsed
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    rate = window.count / window.seconds if window.seconds else 0.0
-                    values = {"loss": window.loss / max(window.count, 1), "acc": window.correct / max(window.count, 1)}
-                    if cfg.dp:
-                        values["eps"] = epsilon_now(pending=True)
-                    values["ex/s"] = round(rate, 1)
-                    progress.update(step, **values)
-                    with writer.as_default(step=step):
-                        for name, value in values.items():
-                            tf.summary.scalar(f"train/{name.replace('/', '_per_')}", value)
-                    window.reset()
                 evaluating = step % cfg.eval_every == 0 or step == cfg.steps
-                # The state is written out only at checkpointed steps: the test metrics follow a checkpoint.
-                if evaluating or step % cfg.checkpoint_every == 0:
-                    save_checkpoint(step)
-                if evaluating:
-                    result = report(step)
-                if self.stop.requested:
+                saving = evaluating or step % cfg.checkpoint_every == 0
+                metrics = dist.from_chief(lambda: after_step(step, saving, evaluating), f"step {step}")
+                if saving:
+                    state["saved"] = step
+                if metrics is not None:
+                    result = metrics
+                stopping = stop_signal()
+                if stopping:
                     break
                 t0 = time.monotonic()
-            progress.close()
+            if chief:
+                progress.close()
 
-        if self.stop.requested:
-            signum = self.stop.requested
+        if stopping:
             if step > state["saved"]:
                 save_checkpoint(step)
-            writer.flush()
-            eps = epsilon_now()
-            where = (f"checkpoint of step {step} in {store.directory}" if step else "no step taken, nothing to save")
+            if chief:
+                writer.flush()
+                where = f"checkpoint of step {step} in {store.directory}" if step else "no step taken, nothing to save"
+                eps = epsilon_now()
+            else:
+                where = f"the chief wrote the checkpoint of step {step}" if step else "no step taken"
+                eps = math.nan
             raise Interrupted(
-                f"{signal.Signals(signum).name} at step {step}/{cfg.steps}: {where}"
-                + (f"; epsilon spent so far {eps:.3f}" if cfg.dp and step else "")
-                + "; rerun the same command to resume", signum)
+                f"{signal.Signals(stopping).name} at step {step}/{cfg.steps}: {where}"
+                + (f"; epsilon spent so far {eps:.3f}" if cfg.dp and step and chief else "")
+                + "; rerun the same command to resume", stopping)
         finished_before = not result
-        if finished_before:  # resumed a finished run: report its final state again
-            result = report(step)
 
-        privacy = write_privacy(step)
-        result = {**result, "parameters": model.count_params(), "noise_multiplier": sigma,
-                  "steps_spent": privacy["steps_spent"]}
-        previous_export = export_lib.latest_version(os.path.join(out, "export"))
-        if cfg.export and finished_before and previous_export:
-            # The final weights are already exported; a rerun of a finished command must not pile up copies.
-            result["export_path"] = previous_export
-            print(f"already exported: {previous_export}")
-        elif cfg.export:
-            journal.record_release(step, "export")
-            path = export_lib.export_saved_model(ema_model, os.path.join(out, "export"))
-            result["export_path"] = path
-            print(f"exported SavedModel to {path}")
-        eps = result.get("epsilon")
-        print(f"done: test accuracy {result['test_accuracy']:.4f}, "
-              + (f"epsilon {eps:.3f} (delta {cfg.delta})" if eps is not None else "no privacy guarantee"))
-        return result
+        def finish():
+            """Chief: final report, privacy.json and export."""
+            final = report(step) if finished_before else result  # resumed a finished run: report its state again
+            privacy = write_privacy(step)
+            final = {**final, "parameters": model.count_params(), "noise_multiplier": sigma,
+                     "steps_spent": privacy["steps_spent"]}
+            previous_export = export_lib.latest_version(os.path.join(out, "export"))
+            if cfg.export and finished_before and previous_export:
+                # The final weights are already exported; a rerun of a finished command must not pile up copies.
+                final["export_path"] = previous_export
+                print(f"already exported: {previous_export}")
+            elif cfg.export:
+                journal.record_release(step, "export")
+                path = export_lib.export_saved_model(ema_model, os.path.join(out, "export"))
+                final["export_path"] = path
+                print(f"exported SavedModel to {path}")
+            eps = final.get("epsilon")
+            print(f"done: test accuracy {final['test_accuracy']:.4f}, "
+                  + (f"epsilon {eps:.3f} (delta {cfg.delta})" if eps is not None else "no privacy guarantee"))
+            return final
+
+        # The other workers wait for the chief here, so that no worker leaves the cluster while it still works.
+        final = dist.from_chief(finish, "the final evaluation and export")
+        if not chief:
+            final = {**final, "worker": dist.worker_index, "steps": step}
+            print(f"{dist.describe()}: done, {step} steps; the chief wrote the run's files", flush=True)
+        return final
+
+    def _begin(self, changes, num_examples, q, sigma, sampler, model, jit, start):
+        """Chief: opens the journal for this process, and prints what the run is about to do."""
+        cfg, journal, plan, planned = self.cfg, self.journal, self.plan, self.planned
+        journal.begin(start, {
+            "sampling_rate": q, "noise_multiplier": sigma, "l2_norm_clip": cfg.l2_norm_clip,
+            "dataset_size": num_examples, "batch_size": cfg.batch_size, "delta": cfg.delta, "steps": cfg.steps,
+            "dp": cfg.dp, "sampling": cfg.sampling,
+        })
+        if changes:
+            write_json_atomic(os.path.join(cfg.output_dir, "config.json"), cfg.to_json())
+
+        for warning in self.warnings:
+            print(f"warning: {warning}", flush=True)
+        for path, err in self.skipped:
+            print(f"warning: checkpoint {path} is unreadable ({err}); set aside, using an older one")
+        print(f"model {model.name}: {model.count_params():,} parameters; train {num_examples}, test "
+              f"{self._num_test} examples; XLA {'on' if jit else 'off'}")
+        if self.dist.distributed:
+            print(f"distributed: {self.dist.describe()}; --physical_batch_size {cfg.physical_batch_size} per replica")
+        if cfg.dp:
+            print(f"DP-SGD: q={q:.5g} ({sampler.method}), sigma={sigma:.4g}, C={cfg.l2_norm_clip}, delta={cfg.delta}, "
+                  f"{cfg.steps} steps -> epsilon {self.planned_epsilon:.3f}"
+                  + (" (assumes Poisson sampling)" if sampler.method != "poisson" else "")
+                  + (f" (composed with the {planned.total_steps - (cfg.steps - start)} steps spent before)"
+                     if changes or plan.retaken else ""))
+            if cfg.dp_seed is not None:
+                print("warning: --dp_seed is set and published in config.json: whoever knows it can recompute the "
+                      "batches and the noise, which voids the guarantee; use it for experiments only")
+        else:
+            print("non-private training (--dp=false): no clipping, no noise, no privacy guarantee")
+        if changes:
+            listed = "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
+            print(f"privacy settings changed ({listed}): epsilon composes the steps taken under each")
+        if start:
+            print(f"resuming from step {start} ({self.prefix})")
+        if plan.discarded:
+            print(f"steps {describe_steps(plan.discarded)} of an interrupted process were never written out: "
+                  "not counted, taken again")
+        if plan.retaken:
+            print(f"warning: steps {describe_steps(plan.retaken)} were written out in a checkpoint that is lost; "
+                  "they are taken again with fresh sampling and noise, and both takes count toward epsilon")
 
 
 __all__ = ["Interrupted", "TrainingError", "build_model", "calibrate_remaining", "evaluate", "load_data",
