@@ -250,6 +250,20 @@ def _published_table():
     return "\n".join(lines)
 
 
+def _save(plt, fig, ax, xlabel, title, filename):
+    """Labels, legend and writes one plot into docs/study/; returns its path."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy, EMA weights (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(STUDY_DIR, filename)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plot(rows):
     import matplotlib
 
@@ -266,15 +280,8 @@ def _plot(rows):
         style = ":" if r["epsilon"] is None else ("-" if r["epsilon"] >= 7.5 else "--")
         ax.plot(minutes, [100 * a for a in acc], style, marker="o", ms=3, color=colours[r["model"]],
                 label=f"{MODEL_LABELS[r['model']]}, {eps}")
-    ax.set_xlabel("wall-clock time on 2 CPU cores (min)")
-    ax.set_ylabel("test accuracy, EMA weights (%)")
-    ax.set_title("CIFAR-10, equal views per run (%s views)" % f"{rows[0]['views']:,}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(STUDY_DIR, "accuracy_vs_time.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, ax, "wall-clock time on 2 CPU cores (min)",
+                       "CIFAR-10, equal views per run (%s views)" % f"{rows[0]['views']:,}", "accuracy_vs_time.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     private = [r for r in rows if r["epsilon"] is not None]
@@ -286,15 +293,7 @@ def _plot(rows):
             if r["model"] == model and r["epsilon"] is None:
                 ax.axhline(100 * r["test_accuracy"], ls=":", color=colours[model],
                            label=f"{MODEL_LABELS[model]}, non-private")
-    ax.set_xlabel("ε (δ = 1e-5)")
-    ax.set_ylabel("test accuracy, EMA weights (%)")
-    ax.set_title("CIFAR-10, equal views per run")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(STUDY_DIR, "accuracy_vs_epsilon.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, ax, "ε (δ = 1e-5)", "CIFAR-10, equal views per run", "accuracy_vs_epsilon.png"))
     return paths
 
 
