@@ -25,7 +25,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import tensorflow as tf  # noqa: E402
-from tensorflow_privacy.privacy.fast_gradient_clipping import gradient_clipping_utils  # noqa: E402
 
 from eqdp_tf.models import build_model  # noqa: E402
 from eqdp_tf.privacy import per_example  # noqa: E402
@@ -70,25 +69,11 @@ def main(argv=None):
             loss = tf.reduce_sum(_loss(labels, model(images, training=True)))
         return tape.gradient(loss, model.trainable_variables)
 
-    # The shared part: forward + backward to the layer outputs, as per_example.per_example_gradients does it.
+    # The shared part: forward + backward to the layer outputs, exactly as the DP step does it.
     def forward_backward():
-        recorded = []
-        tape = tf.GradientTape()
-
-        def record(layer, layer_args, kwargs):
-            out = layer(*layer_args, **kwargs)
-            if layer.trainable_weights and not isinstance(out, (list, tuple)):
-                probe = tf.zeros_like(out)
-                tape.watch(probe)
-                recorded.append((layer, layer_args[0], probe))
-                out = out + probe
-            return out, None
-
-        with tape:
-            logits, _ = gradient_clipping_utils.model_forward_pass(model, images, record)
-            total = tf.reduce_sum(_loss(labels, logits))
-        dzs = tape.gradient(total, [p for _, _, p in recorded])
-        return [(layer, x, dz) for (layer, x, _), dz in zip(recorded, dzs)]
+        recorded, _, _ = per_example.layer_output_gradients(
+            model, images, lambda logits: (tf.reduce_sum(_loss(labels, logits)), None))
+        return recorded
 
     layers_seen = forward_backward()
     shared = tf.function(lambda: [(x, dz) for _, x, dz in forward_backward()], autograph=False)
