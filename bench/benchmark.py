@@ -118,14 +118,9 @@ def _peak_rss_bytes():
 
 
 def _build_model(tf, name):
-    from eqdp_tf.models import build_model
+    from eqdp_tf.models import build_model, with_float32_logits
 
-    model = build_model(**MODELS[name])
-    if model.output.dtype != tf.float32:
-        # Under mixed_bfloat16 a model without a float32 head would give bf16 logits and loss.
-        logits = tf.keras.layers.Activation("linear", dtype="float32", name="logits_fp32")(model.output)
-        model = tf.keras.Model(model.inputs, logits, name=model.name)
-    return model
+    return with_float32_logits(build_model(**MODELS[name]))
 
 
 def count_macs(tf, model):

@@ -32,18 +32,13 @@ def _child(spec):
     import tensorflow as tf
 
     from eqdp_tf.config import TrainConfig
+    from eqdp_tf.models import with_float32_logits
     from eqdp_tf.training import loop
 
     if spec["precision"] == "bf16":
         tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
         plain_build = loop.build_model
-
-        def build_with_fp32_logits(cfg):
-            model = plain_build(cfg)
-            logits = tf.keras.layers.Activation("linear", dtype="float32", name="logits_fp32")(model.output)
-            return tf.keras.Model(model.inputs, logits, name=model.name)
-
-        loop.build_model = build_with_fp32_logits
+        loop.build_model = lambda cfg: with_float32_logits(plain_build(cfg))
     cfg = TrainConfig(**MODELS[spec["model"]], steps=spec["steps"], batch_size=spec["batch"],
                       physical_batch_size=spec["physical_batch"], num_views=1, dp=True, target_epsilon=8.0,
                       dp_seed=0, train_subset=spec["train_subset"], test_subset=spec["test_subset"],

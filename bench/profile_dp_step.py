@@ -90,7 +90,6 @@ def main(argv=None):
                     rows = tf.reshape(dz, [batch, -1, dz.shape[-1]])
                     out.append(per_example._kernel_grad_by_taps(x, rows, k, s, padding, batch))  # noqa
                 elif kind == "kernel-expansion transpose" and conv and expanded:
-                    k, s, padding = per_example._conv_geometry(layer)  # pylint: disable=protected-access
                     grad = tf.zeros([batch] + list(layer.expanded_kernel().shape))
                     out.append(per_example._linear_vjp(layer.expanded_kernel, layer.kernel, grad))  # noqa
                 elif kind == "all rules":
@@ -99,12 +98,12 @@ def main(argv=None):
             return out or [tf.zeros([])]
         return tf.function(run, autograph=False)
 
-    step = DPStep(model, None, DPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.0,
-                                                   expected_batch_size=batch, learning_rate=0.1))
-    accumulate = step.compiled_accumulate(False)
-    nonprivate_step = DPStep(model, None, DPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.0,
-                                                              expected_batch_size=batch, learning_rate=0.1),
-                             dp=False).compiled_accumulate(False)
+    def accumulate_fn(dp):
+        optimizer = DPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=batch,
+                                        learning_rate=0.1)
+        return DPStep(model, None, optimizer, dp=dp).compiled_accumulate(False)
+
+    accumulate, nonprivate_step = accumulate_fn(True), accumulate_fn(False)
     per_example_all = tf.function(
         lambda: per_example.per_example_gradients(model, _loss, views, labels, lambda v: tf.reduce_sum(v, 1))[0],
         autograph=False)

@@ -20,22 +20,16 @@ from eqdp_tf import data as data_lib  # noqa: E402
 from eqdp_tf.errors import ConfigError  # noqa: E402
 from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer, DPStep  # noqa: E402
 from eqdp_tf.training.checkpoint_rng import KeyedNoiseDPOptimizer  # noqa: E402
+import test_dp_step as dp_step_tests  # noqa: E402  (the same small network as the single-device DP tests)
 
-NUM_CLASSES = 3
+NUM_CLASSES = dp_step_tests.NUM_CLASSES
 PHYSICAL = 6  # per replica
 EXPECTED_BATCH = 16.0
 
 
 def conv_net():
     tf.keras.utils.set_random_seed(5)
-    model = tf.keras.Sequential([
-        tf.keras.layers.Conv2D(4, 3, activation="relu"),
-        tf.keras.layers.GroupNormalization(groups=2),
-        tf.keras.layers.Flatten(),
-        tf.keras.layers.Dense(NUM_CLASSES),
-    ])
-    model.build([None, 8, 8, 2])
-    return model
+    return dp_step_tests.conv_net()
 
 
 def make_data(num_examples=64, num_views=2):

@@ -1,5 +1,7 @@
 """Model zoo: every model takes raw [0, 255] pixels and returns logits."""
 
+import tensorflow as tf
+
 from eqdp_tf.models.resnet9 import HEADS, equivariant_resnet9, stage_outputs
 from eqdp_tf.models.wide_resnet import wide_resnet
 
@@ -15,4 +17,14 @@ def build_model(architecture="eq_resnet9", group="D4", restrict="D2", head="pape
     raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
 
 
-__all__ = ["ARCHITECTURES", "HEADS", "build_model", "equivariant_resnet9", "stage_outputs", "wide_resnet"]
+def with_float32_logits(model):
+    """``model`` with float32 logits: under a mixed precision policy (e.g. mixed_bfloat16) the logits, and so the
+    loss, would otherwise be computed in low precision (the Keras mixed-precision guide casts the output layer).
+    Returns ``model`` itself when its logits already are float32."""
+    if model.output.dtype == tf.float32:
+        return model
+    logits = tf.keras.layers.Activation("linear", dtype="float32", name="logits_fp32")(model.output)
+    return tf.keras.Model(model.inputs, logits, name=model.name)
+
+
+__all__ = ["ARCHITECTURES", "HEADS", "build_model", "equivariant_resnet9", "stage_outputs", "wide_resnet", "with_float32_logits"]
