@@ -34,6 +34,9 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY_DIR = os.path.join(REPO_ROOT, "docs", "study")
 RECORDS_DIR = os.path.join(STUDY_DIR, "runs")
+# The paper-regime (TAN-simulated) batch keeps its records and report apart from the first study's.
+TAN_DIR = os.path.join(STUDY_DIR, "paper_regime")
+TAN_RECORDS_DIR = os.path.join(TAN_DIR, "runs")
 DEFAULT_DATA_DIR = os.path.join(REPO_ROOT, "..", "shared", "data", "cifar10", "cifar-10-batches-bin")
 RECORD_FILES = ("config.json", "privacy.json", "metrics.jsonl")
 README_MARKERS = ("<!-- study-table -->", "<!-- /study-table -->")
@@ -92,6 +95,70 @@ BATCHES = {
     },
 }
 
+# --------------------------------------------------------------------------------------------
+# The paper's regime by TAN simulation (issue 12): 2160 steps at the paper's sigma/B, simulated at a small batch.
+# Each run trains at batch B with sigma = sigma_8192 * B / 8192 (train.py --simulated_batch_size=8192), so its
+# update has the paper run's noise-to-signal ratio; its own epsilon is in the hundreds (see privacy.json).
+
+PAPER_BATCH = 8192
+TAN_BATCH = 256
+# Physical batches sized so that a Poisson batch (mean B, sd ~sqrt(B)) almost always fills a whole number of
+# them with little padding (3 x 96 = 288 covers 256 + 2 sd).
+TAN_PHYSICAL = {128: 72, 256: 96, 512: 144}
+TAN_COMMON_FLAGS = [
+    "--steps=2160",
+    "--num_views=1",
+    "--l2_norm_clip=2.0",
+    "--delta=1e-5",
+    "--ema_decay=0.999",
+    "--sampling=poisson",
+    "--eval_every=216",
+    "--checkpoint_every=108",
+    "--log_every=20",
+    "--export=false",
+    "--learning_rate=2.0",
+    "--momentum=0.0",
+    "--dp=true",
+    f"--simulated_batch_size={PAPER_BATCH}",
+]
+
+
+def _tan(batch, epsilon=None):
+    """A TAN-simulated run of the paper's batch 8192 at ``batch``; epsilon None: sigma = 0 (clipping only)."""
+    privacy = [f"--target_epsilon={epsilon}"] if epsilon is not None else ["--noise_multiplier=0",
+                                                                          "--target_epsilon=none"]
+    return [f"--batch_size={batch}", f"--physical_batch_size={TAN_PHYSICAL[batch]}"] + privacy
+
+
+TAN_BATCHES = {
+    # Does the simulation hold here? The ordinary CNN at simulated epsilon 8 and three batch sizes.
+    "tan_scaling": {
+        "tan_cnn_c1_eps8": MODELS["cnn_c1"] + _tan(256, 8),
+        "tan_cnn_c1_eps8_b128": MODELS["cnn_c1"] + _tan(128, 8),
+        "tan_cnn_c1_eps8_b512": MODELS["cnn_c1"] + _tan(512, 8),
+    },
+    "tan_eps8": {
+        "tan_eq_d4d2_eps8": MODELS["eq_d4d2"] + _tan(TAN_BATCH, 8),
+    },
+    "tan_eps2": {
+        "tan_cnn_c1_eps2": MODELS["cnn_c1"] + _tan(TAN_BATCH, 2),
+        "tan_eq_d4d2_eps2": MODELS["eq_d4d2"] + _tan(TAN_BATCH, 2),
+    },
+    "tan_eps1": {
+        "tan_cnn_c1_eps1": MODELS["cnn_c1"] + _tan(TAN_BATCH, 1),
+        "tan_eq_d4d2_eps1": MODELS["eq_d4d2"] + _tan(TAN_BATCH, 1),
+    },
+    "tan_noiseless": {
+        "tan_cnn_c1_sigma0": MODELS["cnn_c1"] + _tan(TAN_BATCH),
+        "tan_eq_d4d2_sigma0": MODELS["eq_d4d2"] + _tan(TAN_BATCH),
+    },
+    "tan_wrn": {
+        "tan_wrn16_4_eps8": MODELS["wrn16_4"] + _tan(TAN_BATCH, 8),
+    },
+}
+# The order in which `run tan` takes the batches (each resumable, finished runs skipped).
+TAN_ORDER = ("tan_scaling", "tan_eps8", "tan_eps2", "tan_noiseless", "tan_eps1", "tan_wrn")
+
 # Published full-scale CIFAR-10 results (GPU budgets), listed beside ours, never mixed with them.
 PUBLISHED = [
     ("De et al. 2022", "WRN-40-4", "8", "81.4%"),
@@ -104,7 +171,14 @@ def run_flags(name):
     for runs in BATCHES.values():
         if name in runs:
             return COMMON_FLAGS + runs[name]
+    for runs in TAN_BATCHES.values():
+        if name in runs:
+            return TAN_COMMON_FLAGS + runs[name]
     raise KeyError(name)
+
+
+def batch_runs(batch):
+    return {**BATCHES, **TAN_BATCHES}[batch]
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,11 +199,17 @@ def _steps(flags):
 
 
 def run_batch(batch, runs_dir, data_dir):
-    if batch not in BATCHES:
-        sys.exit(f"error: unknown batch {batch!r}; choose one of {', '.join(BATCHES)}")
+    if batch == "tan":
+        for each in TAN_ORDER:
+            run_batch(each, runs_dir, data_dir)
+        return
+    all_runs = {name for runs in {**BATCHES, **TAN_BATCHES}.values() for name in runs}
+    if batch not in BATCHES and batch not in TAN_BATCHES and batch not in all_runs:
+        sys.exit(f"error: unknown batch or run {batch!r}; choose one of "
+                 f"{', '.join([*BATCHES, *TAN_BATCHES, 'tan'])} or a run name from 'list'")
     if not os.path.isdir(data_dir):
         sys.exit(f"error: CIFAR-10 data folder {data_dir} not found; pass --data-dir")
-    for name in BATCHES[batch]:
+    for name in ([batch] if batch in all_runs else batch_runs(batch)):
         flags = run_flags(name)
         out = os.path.join(runs_dir, name)
         if _finished(out, _steps(flags)):
@@ -148,7 +228,7 @@ def run_batch(batch, runs_dir, data_dir):
 
 def keep_records(name, output_dir):
     """Copies the small, committed record of a finished run into docs/study/runs/<name>/."""
-    target = os.path.join(RECORDS_DIR, name)
+    target = os.path.join(TAN_RECORDS_DIR if name.startswith("tan_") else RECORDS_DIR, name)
     os.makedirs(target, exist_ok=True)
     for filename in RECORD_FILES:
         shutil.copyfile(os.path.join(output_dir, filename), os.path.join(target, filename))
@@ -347,14 +427,15 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="show the batches, runs and flags")
     run = sub.add_parser("run", help="train one batch of runs (resumable)")
-    run.add_argument("batch", choices=sorted(BATCHES))
+    run.add_argument("batch", help="a batch of runs (see 'list'), one run by name, or 'tan': every "
+                                   "paper-regime batch in order")
     run.add_argument("--runs-dir", default=os.path.join(REPO_ROOT, "runs", "study"),
                      help="where the full run folders go (checkpoints; not committed)")
     run.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with cifar-10-batches-bin")
     sub.add_parser("report", help="table and plots from docs/study/runs")
     args = parser.parse_args(argv)
     if args.command == "list":
-        for batch, runs in BATCHES.items():
+        for batch, runs in {**BATCHES, **TAN_BATCHES}.items():
             print(f"{batch}:")
             for name in runs:
                 print(f"  {name}: {' '.join(run_flags(name))}")

@@ -46,6 +46,9 @@ class TrainConfig:
     target_epsilon: Optional[float] = 8.0
     delta: float = 1e-5
     sampling: str = "poisson"
+    # TAN simulation (eqdp_tf.privacy.simulation): sigma is that of a run at this batch size, scaled by
+    # batch_size / simulated_batch_size. Predicts that run's accuracy; the privacy is this run's own.
+    simulated_batch_size: Optional[int] = None
     # Seed of the Poisson sampling and the DP noise. None: a secret key drawn from the OS on the first start and
     # kept in the run folder (the guarantee assumes nobody can predict the batches or the noise).
     dp_seed: Optional[int] = None
@@ -105,6 +108,14 @@ class TrainConfig:
                                          or self.dp_seed < 0):
             raise ConfigError(f"--dp_seed must be a whole number >= 0 or unset; got {self.dp_seed!r}")
         self._validate_groups()
+        if self.simulated_batch_size is not None:
+            positive("simulated_batch_size")
+            if not self.dp:
+                raise ConfigError("--simulated_batch_size simulates a private run: it needs --dp=true")
+            if self.simulated_batch_size < self.batch_size:
+                raise ConfigError(f"--simulated_batch_size {self.simulated_batch_size} is smaller than --batch_size "
+                                  f"{self.batch_size}: a TAN simulation runs a smaller batch than the run it stands "
+                                  "for")
         if self.architecture == "wrn16_4" and (self.group.upper() != "C1" or self.restrict.lower() != "none"):
             raise ConfigError("--architecture=wrn16_4 is not equivariant: use it with --group=C1 --restrict=none")
         if not self.dp:
@@ -146,7 +157,8 @@ class TrainConfig:
                          "allow_privacy_change", "distribution")
     # Settings that change the privacy of the remaining steps (sigma, q = batch/N, C, delta, N). A resume may change
     # them only with --allow_privacy_change; epsilon then composes the steps taken under each setting.
-    PRIVACY_SETTINGS = ("noise_multiplier", "target_epsilon", "l2_norm_clip", "delta", "batch_size", "train_subset")
+    PRIVACY_SETTINGS = ("noise_multiplier", "target_epsilon", "l2_norm_clip", "delta", "batch_size", "train_subset",
+                        "simulated_batch_size")
 
     def differences(self, other: dict):
         """Names of settings where ``other`` (a saved config) differs in a way a resume cannot accept.
@@ -197,6 +209,11 @@ def define_flags():
                         "Given together with --noise_multiplier: a cap the run refuses to exceed.")
     flags.DEFINE_float("delta", d.delta, "Target delta.")
     flags.DEFINE_enum("sampling", d.sampling, SAMPLINGS, "Batch sampling; epsilon always assumes Poisson.")
+    flags.DEFINE_integer("simulated_batch_size", None,
+                         "TAN simulation (Sander et al. 2023): train at --batch_size to predict the accuracy of a run "
+                         "at this larger batch with the same steps and sigma/B. --noise_multiplier/--target_epsilon "
+                         "then describe the simulated run; this run's own (much larger) epsilon is reported as "
+                         "'epsilon', the simulated one separately. Unset: an ordinary run.")
     flags.DEFINE_integer("dp_seed", None, "Seed of the batch sampling and the DP noise, for reproducible experiments "
                          "only: config.json publishes it, and anyone who knows it can recompute batches and noise. "
                          "Unset: a secret key kept in the run folder (dp_secret.json).")

@@ -3,9 +3,11 @@
 Layout as TF Serving expects: ``<export_dir>/<version>/saved_model.pb`` + ``variables/``. The
 ``serving_default`` signature takes a uint8 batch ``images [None, 32, 32, 3]`` and returns
 ``probabilities [None, classes]`` and ``classes [None]`` (int64). Loading needs only TensorFlow
-(``tf.saved_model.load``), no project code.
+(``tf.saved_model.load``), no project code. The training program puts the run's privacy.json beside it in
+``assets.extra/`` (TF Serving's folder for files it does not load), so an exported model carries its guarantee.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -48,8 +50,10 @@ class _Servable(tf.Module):
         return {"probabilities": probabilities, "classes": tf.argmax(probabilities, axis=-1)}
 
 
-def export_saved_model(model, export_dir, version=None):
+def export_saved_model(model, export_dir, version=None, extra_files=None):
     """Freezes ``model`` and writes it as ``export_dir/<version>``; returns that path.
+
+    ``extra_files`` (``{name: JSON-serialisable value}``) are written as JSON into ``assets.extra/``.
 
     The SavedModel is written to a temporary folder beside it and renamed into place, so a crash
     or a full disk never leaves a half-written version that a server would pick up.
@@ -67,6 +71,11 @@ def export_saved_model(model, export_dir, version=None):
     try:
         servable = _Servable(frozen, tuple(model.input_shape[1:]))
         tf.saved_model.save(servable, staging, signatures={"serving_default": servable.serve})
+        if extra_files:
+            os.makedirs(os.path.join(staging, "assets.extra"))
+            for name, value in extra_files.items():
+                with open(os.path.join(staging, "assets.extra", name), "w") as f:
+                    json.dump(value, f, indent=2, sort_keys=True, allow_nan=False)
         os.rename(staging, final)
     except (OSError, tf.errors.OpError) as err:
         shutil.rmtree(staging, ignore_errors=True)

@@ -31,6 +31,7 @@ from eqdp_tf import models
 from eqdp_tf.config import TrainConfig, load_saved, one_line
 from eqdp_tf.errors import ConfigError, DataError, PrivacyError, UserError
 from eqdp_tf.privacy import accounting
+from eqdp_tf.privacy.simulation import Simulation
 from eqdp_tf.privacy.dp_step import DPStep
 from eqdp_tf.training import checkpoint_rng, distribution
 from eqdp_tf.training.checkpoint import (CHECKPOINT_DIR, CheckpointStore, Interrupted, StopSignals,
@@ -99,14 +100,28 @@ def prepare_output_dir(cfg):
     return changes
 
 
+def simulation_of(cfg, num_examples=None):
+    """The TAN simulation of ``--simulated_batch_size`` (None for an ordinary run)."""
+    if not cfg.dp or cfg.simulated_batch_size is None:
+        return None
+    return Simulation(cfg.batch_size, cfg.simulated_batch_size, num_examples)
+
+
 def resolve_noise(cfg, sampling_rate):
-    """The noise multiplier to train with: as given, or calibrated to the target epsilon."""
+    """The noise multiplier to train with: as given, or calibrated to the target epsilon.
+
+    With ``--simulated_batch_size`` both describe the simulated run (sampling rate scaled up), and the sigma
+    returned is that run's, scaled down to this run's batch."""
     if not cfg.dp:
         return 0.0
+    simulation = simulation_of(cfg)
     if cfg.noise_multiplier is not None:
-        return float(cfg.noise_multiplier)
-    return _calibrate(cfg, lambda: accounting.calibrate_noise_multiplier(
-        cfg.target_epsilon, sampling_rate, cfg.steps, cfg.delta))
+        sigma = float(cfg.noise_multiplier)
+    else:
+        rate = sampling_rate * simulation.ratio if simulation else sampling_rate
+        sigma = _calibrate(cfg, lambda: accounting.calibrate_noise_multiplier(
+            cfg.target_epsilon, rate, cfg.steps, cfg.delta))
+    return simulation.real_noise_multiplier(sigma) if simulation else sigma
 
 
 def _calibrate(cfg, compute):
@@ -196,6 +211,10 @@ class _Window:
         self.count += float(stats["count"])
 
 
+def _fmt_epsilon(value):
+    return "inf" if value is None or math.isinf(value) else f"{value:.3f}"
+
+
 def _all_finite(tensors):
     """A tf.function telling whether every element of the (fixed) list of variables is finite."""
     return tf.function(lambda: tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])),
@@ -262,15 +281,21 @@ class _Training:
         if not cfg.dp:
             return 0.0
         if cfg.noise_multiplier is not None:
-            return float(cfg.noise_multiplier)
+            return resolve_noise(cfg, q)
         last = journal.last_start()
         if last is not None and journal.has_steps and not changes and last.get("noise_multiplier") is not None:
             return float(last["noise_multiplier"])  # as calibrated when the run started
         spent = journal.ledger()
         if spent.total_steps == 0:
             return resolve_noise(cfg, q)
-        return _calibrate(cfg, lambda: calibrate_remaining(
-            spent, cfg.target_epsilon, q, max(cfg.steps - plan.start, 1), cfg.delta))
+        simulation = self.simulation
+        if simulation is None:
+            return _calibrate(cfg, lambda: calibrate_remaining(
+                spent, cfg.target_epsilon, q, max(cfg.steps - plan.start, 1), cfg.delta))
+        # The target is the simulated run's: calibrate in its terms, then scale down to this batch.
+        return simulation.real_noise_multiplier(_calibrate(cfg, lambda: calibrate_remaining(
+            simulation.simulated_ledger(spent), cfg.target_epsilon, q * simulation.ratio,
+            max(cfg.steps - plan.start, 1), cfg.delta)))
 
     def _check_dataset_size(self, num_examples):
         last = self.journal.last_start()
@@ -307,12 +332,14 @@ class _Training:
         self.planned = planned = journal.ledger()
         planned.record(q, sigma, cfg.steps - start)
         self.planned_epsilon = planned.epsilon(cfg.delta) if cfg.dp else math.inf
+        # The epsilon --target_epsilon speaks of: this run's, or with a TAN simulation the simulated run's.
+        targeted = self.simulation.epsilon(planned, cfg.delta) if self.simulation else self.planned_epsilon
         if cfg.dp and cfg.noise_multiplier is not None and cfg.target_epsilon is not None \
-                and self.planned_epsilon > cfg.target_epsilon:
+                and targeted > cfg.target_epsilon:
             raise PrivacyError(
-                f"--noise_multiplier={sigma:g} gives epsilon {self.planned_epsilon:.4g} after --steps={cfg.steps}, "
-                f"above --target_epsilon={cfg.target_epsilon:g}: the two contradict each other; drop one (or raise "
-                "the noise)")
+                f"--noise_multiplier={cfg.noise_multiplier:g} gives {'simulated ' if self.simulation else ''}"
+                f"epsilon {targeted:.4g} after --steps={cfg.steps}, above --target_epsilon={cfg.target_epsilon:g}: "
+                "the two contradict each other; drop one (or raise the noise)")
         self.warnings = []
         if cfg.dp:
             self.warnings = accounting.validate_privacy_params(
@@ -348,6 +375,7 @@ class _Training:
         train_images, train_labels, test_images, test_labels = dist.on_every_worker(
             lambda: load_data(cfg), "loading the data")
         num_examples, self._num_test = len(train_labels), len(test_labels)
+        self.simulation = simulation = simulation_of(cfg, num_examples)
         fingerprint = _fingerprint(train_images, train_labels) if dist.num_workers > 1 else None
         shared = dist.from_chief(lambda: self._plan(num_examples, changes, fingerprint), "planning the run")
         if dist.num_workers > 1:
@@ -412,6 +440,10 @@ class _Training:
         def epsilon_now(pending=False):
             return journal.ledger(pending).epsilon(cfg.delta) if cfg.dp else math.inf
 
+        def simulated_epsilon_now(pending=False):
+            eps = simulation.epsilon(journal.ledger(pending), cfg.delta)
+            return None if math.isinf(eps) else eps
+
         def write_privacy(step):
             if cfg.dp:
                 spent = journal.ledger()
@@ -426,6 +458,8 @@ class _Training:
                     l2_norm_clip=cfg.l2_norm_clip, sampling_method=sampler.method, note=note,
                 ).to_json() if spent.segments else {"epsilon": 0.0, "steps": 0}
                 privacy.update(summary)
+                if simulation is not None:
+                    privacy["simulated_run"] = simulation.report(spent, cfg.delta, privacy["epsilon"])
             else:
                 privacy = {"dp": False, "epsilon": None, "steps": step, "batch_size": cfg.batch_size,
                            "dataset_size": num_examples, "note": "non-private run: no privacy guarantee",
@@ -470,6 +504,7 @@ class _Training:
                 "test_loss": test_loss,
                 "test_accuracy": test_acc,
                 "epsilon": None if math.isinf(eps) else eps,
+                **({"simulated_epsilon": simulated_epsilon_now()} if simulation else {}),
                 "examples_per_sec": rate,
                 "views_per_sec": rate * cfg.num_views,
                 # Wall time of this process (loading, compiling, training and evaluating), for time-to-accuracy.
@@ -483,7 +518,8 @@ class _Training:
             with writer.as_default(step=step):
                 tf.summary.scalar("test/accuracy", test_acc)
                 tf.summary.scalar("test/loss", test_loss)
-            progress.message(f"step {step}: test accuracy {test_acc:.4f}, test loss {test_loss:.4f}, epsilon {eps:.3f}")
+            progress.message(f"step {step}: test accuracy {test_acc:.4f}, test loss {test_loss:.4f}, epsilon {eps:.3f}"
+                             + (f" (simulated run: {_fmt_epsilon(record['simulated_epsilon'])})" if simulation else ""))
             since_eval.reset()
             return record
 
@@ -497,6 +533,8 @@ class _Training:
                 values = {"loss": window.loss / max(window.count, 1), "acc": window.correct / max(window.count, 1)}
                 if cfg.dp:
                     values["eps"] = epsilon_now(pending=True)
+                if simulation:
+                    values["sim_eps"] = simulation.epsilon(journal.ledger(pending=True), cfg.delta)
                 values["ex/s"] = round(rate, 1)
                 progress.update(step, **values)
                 with writer.as_default(step=step):
@@ -596,12 +634,19 @@ class _Training:
                 print(f"already exported: {previous_export}")
             elif cfg.export:
                 journal.record_release(step, "export")
-                path = export_lib.export_saved_model(ema_model, os.path.join(out, "export"))
+                path = export_lib.export_saved_model(ema_model, os.path.join(out, "export"),
+                                                     extra_files={"privacy.json": privacy})
                 final["export_path"] = path
                 print(f"exported SavedModel to {path}")
             eps = final.get("epsilon")
             print(f"done: test accuracy {final['test_accuracy']:.4f}, "
                   + (f"epsilon {eps:.3f} (delta {cfg.delta})" if eps is not None else "no privacy guarantee"))
+            if simulation is not None:
+                simulated = privacy["simulated_run"]
+                final["simulated_run"] = simulated
+                print(f"TAN simulation of batch {simulated['batch_size']} (sigma {simulated['noise_multiplier']:.4g}):"
+                      f" simulated epsilon {_fmt_epsilon(simulated['epsilon'])}, not a guarantee of this run (its own "
+                      f"epsilon is {_fmt_epsilon(eps)})")
             return final
 
         # The other workers wait for the chief here, so that no worker leaves the cluster while it still works.
@@ -617,7 +662,7 @@ class _Training:
         journal.begin(start, {
             "sampling_rate": q, "noise_multiplier": sigma, "l2_norm_clip": cfg.l2_norm_clip,
             "dataset_size": num_examples, "batch_size": cfg.batch_size, "delta": cfg.delta, "steps": cfg.steps,
-            "dp": cfg.dp, "sampling": cfg.sampling,
+            "dp": cfg.dp, "sampling": cfg.sampling, "simulated_batch_size": cfg.simulated_batch_size,
         })
         if changes:
             write_json_atomic(os.path.join(cfg.output_dir, "config.json"), cfg.to_json())
@@ -636,6 +681,12 @@ class _Training:
                   + (" (assumes Poisson sampling)" if sampler.method != "poisson" else "")
                   + (f" (composed with the {planned.total_steps - (cfg.steps - start)} steps spent before)"
                      if changes or plan.retaken else ""))
+            if self.simulation is not None:
+                sim = self.simulation
+                print(f"TAN simulation: stands for batch {sim.simulated_batch_size} (q={q * sim.ratio:.5g}) with "
+                      f"sigma={sigma * sim.ratio:.4g} -> simulated epsilon "
+                      f"{sim.epsilon(planned, cfg.delta):.3f}; this run's own epsilon is the "
+                      f"{self.planned_epsilon:.3f} above: the simulated one is NOT a guarantee of this run")
             if cfg.dp_seed is not None:
                 print("warning: --dp_seed is set and published in config.json: whoever knows it can recompute the "
                       "batches and the noise, which voids the guarantee; use it for experiments only")
