@@ -122,6 +122,10 @@ def test_privacy_report_matches_accounting(trained):
     assert 0 < expected < 100
     assert privacy["epsilon"] == pytest.approx(expected, rel=1e-9)
     assert result["epsilon"] == pytest.approx(expected, rel=1e-9)
+    # an ordinary run is not a simulation, and its export carries the same report
+    assert "simulated_run" not in privacy and "simulated_epsilon" not in _read_metrics(out)[-1]
+    with open(os.path.join(result["export_path"], "assets.extra", "privacy.json")) as f:
+        assert json.load(f)["epsilon"] == pytest.approx(expected, rel=1e-9)
     # more steps cost more privacy: the epsilon really is that of 3 steps
     assert accounting.compute_epsilon(1.0, q, 2, 1e-5) < expected < accounting.compute_epsilon(1.0, q, 4, 1e-5)
 
