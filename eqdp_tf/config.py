@@ -6,6 +6,7 @@ K = 4 views, SGD lr 2 without momentum, clip 2, delta 1e-5, target epsilon 8, EM
 
 import dataclasses
 import json
+import math
 import re
 import sys
 from typing import Optional
@@ -44,6 +45,9 @@ class TrainConfig:
     l2_norm_clip: float = 2.0
     noise_multiplier: Optional[float] = None
     target_epsilon: Optional[float] = 8.0
+    # The epsilon no step may push the run past; None: --target_epsilon is the ceiling (with a TAN simulation both
+    # speak of the simulated run's epsilon).
+    max_epsilon: Optional[float] = None
     delta: float = 1e-5
     sampling: str = "poisson"
     # TAN simulation (eqdp_tf.privacy.simulation): sigma is that of a run at this batch size, scaled by
@@ -85,6 +89,10 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
                 raise ConfigError(f"--{name} must be a positive {'integer' if integer else 'number'}; got {value!r}")
 
+        for field in dataclasses.fields(self):  # NaN passes every comparison below, and inf most of them
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{field.name} must be a finite number; got {value}")
         choice("architecture", ARCHITECTURES)
         choice("head", HEADS)
         choice("sampling", SAMPLINGS)
@@ -128,8 +136,10 @@ class TrainConfig:
             raise ConfigError("with --dp, set --noise_multiplier or --target_epsilon")
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
             raise ConfigError(f"--noise_multiplier must be >= 0; got {self.noise_multiplier}")
-        if self.noise_multiplier is None and self.target_epsilon <= 0:
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
             raise ConfigError(f"--target_epsilon must be > 0; got {self.target_epsilon}")
+        if self.max_epsilon is not None and self.max_epsilon <= 0:
+            raise ConfigError(f"--max_epsilon must be > 0; got {self.max_epsilon}")
 
     def _validate_groups(self):
         try:
@@ -144,6 +154,13 @@ class TrainConfig:
             raise ConfigError(f"--restrict: {err} (or use --restrict=none)") from None
 
     @property
+    def epsilon_ceiling(self):
+        """The epsilon no step may take the run past (None: no ceiling)."""
+        if not self.dp:
+            return None
+        return self.max_epsilon if self.max_epsilon is not None else self.target_epsilon
+
+    @property
     def restricted_group(self):
         return None if self.restrict.lower() == "none" else self.restrict
 
@@ -154,7 +171,7 @@ class TrainConfig:
     # distribution changes only which device clips which example, and the augmentation crops.)
     RESUMABLE_CHANGES = ("output_dir", "eval_every", "eval_batch_size", "checkpoint_every", "log_every",
                          "jit_compile", "export", "data_dir", "physical_batch_size", "test_subset",
-                         "allow_privacy_change", "distribution")
+                         "allow_privacy_change", "distribution", "max_epsilon")
     # Settings that change the privacy of the remaining steps (sigma, q = batch/N, C, delta, N). A resume may change
     # them only with --allow_privacy_change; epsilon then composes the steps taken under each setting.
     PRIVACY_SETTINGS = ("noise_multiplier", "target_epsilon", "l2_norm_clip", "delta", "batch_size", "train_subset",
@@ -207,6 +224,9 @@ def define_flags():
     flags.DEFINE_string("noise_multiplier", None, "Noise multiplier sigma; unset: calibrated to --target_epsilon.")
     flags.DEFINE_string("target_epsilon", str(d.target_epsilon), "Target epsilon for calibrating sigma, or 'none'. "
                         "Given together with --noise_multiplier: a cap the run refuses to exceed.")
+    flags.DEFINE_string("max_epsilon", None, "Ceiling on epsilon: no step is taken that would push the run past it "
+                        "(e.g. when a resume must re-take steps whose checkpoint was lost). Unset: --target_epsilon "
+                        "is the ceiling. Raise it on a resume to allow such a run to go on.")
     flags.DEFINE_float("delta", d.delta, "Target delta.")
     flags.DEFINE_enum("sampling", d.sampling, SAMPLINGS, "Batch sampling; epsilon always assumes Poisson.")
     flags.DEFINE_integer("simulated_batch_size", None,
@@ -257,9 +277,11 @@ def config_from_flags(values=None):
     kwargs = {name: getattr(f, name) for name in fields if name in f}
     kwargs["noise_multiplier"] = _optional_number(f.noise_multiplier, float, "noise_multiplier")
     kwargs["target_epsilon"] = _optional_number(f.target_epsilon, float, "target_epsilon")
+    kwargs["max_epsilon"] = _optional_number(f.max_epsilon, float, "max_epsilon")
     if kwargs["noise_multiplier"] is not None and not _given(f, "target_epsilon"):
         kwargs["target_epsilon"] = None  # the default target is only for calibrating sigma when none is given
-    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("noise_multiplier", "target_epsilon")}
+    kwargs = {k: v for k, v in kwargs.items()
+              if v is not None or k in ("noise_multiplier", "target_epsilon", "max_epsilon")}
     return TrainConfig(**kwargs)
 
 

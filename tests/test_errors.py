@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import CIFAR10_DIR, REPO_ROOT
+from conftest import CIFAR10_DIR, REPO_ROOT, snapshot
 from eqdp_tf.training.checkpoint_journal import JOURNAL_NAME
 
 pytestmark = pytest.mark.skipif(
@@ -56,6 +56,30 @@ CASES = {
     "simulated batch above the dataset": (TINY + ["--simulated_batch_size=128"],
                                           ["--simulated_batch_size 128 is larger than the 64 training examples"],
                                           ["config.json"]),
+    # Non-finite, negative, zero, huge and wrong-type values (issue 16).
+    "nan learning rate": (["--learning_rate=nan"], ["--learning_rate must be a finite number; got nan"], NOTHING),
+    "infinite learning rate": (["--learning_rate=inf"], ["--learning_rate must be a finite number; got inf"],
+                               NOTHING),
+    "infinite clip norm": (["--l2_norm_clip=inf"], ["--l2_norm_clip must be a finite number"], NOTHING),
+    "zero clip norm": (["--l2_norm_clip=0"], ["--l2_norm_clip must be > 0"], NOTHING),
+    "nan delta": (["--delta=nan"], ["--delta must be a finite number"], NOTHING),
+    "nan noise": (["--noise_multiplier=nan"], ["--noise_multiplier must be a finite number"], NOTHING),
+    "infinite target epsilon": (["--target_epsilon=inf"], ["--target_epsilon must be a finite number"], NOTHING),
+    "negative target epsilon": (["--target_epsilon=-1"], ["--target_epsilon must be > 0"], NOTHING),
+    "negative max epsilon": (["--max_epsilon=-1"], ["--max_epsilon must be > 0"], NOTHING),
+    "unparsable max epsilon": (["--max_epsilon=lots"], ["--max_epsilon must be a number or 'none'"], NOTHING),
+    "nan ema decay": (["--ema_decay=nan"], ["--ema_decay must be a finite number"], NOTHING),
+    "huge momentum": (["--momentum=1e300"], ["--momentum must be in [0, 1)"], NOTHING),
+    "negative momentum": (["--momentum=-0.5"], ["--momentum must be in [0, 1)"], NOTHING),
+    "zero steps": (["--steps=0"], ["--steps must be a positive integer; got 0"], NOTHING),
+    "negative batch": (["--batch_size=-5"], ["--batch_size must be a positive integer; got -5"], NOTHING),
+    "zero physical batch": (["--physical_batch_size=0"], ["--physical_batch_size must be a positive integer"],
+                            NOTHING),
+    "zero views": (["--num_views=0"], ["--num_views must be a positive integer"], NOTHING),
+    "zero training subset": (["--train_subset=0"], ["--train_subset must be a positive integer"], NOTHING),
+    "negative seed": (["--seed=-1"], ["--seed must be >= 0"], NOTHING),
+    "fractional steps": (["--steps=2.5"], ["--steps=2.5", "invalid literal"], NOTHING),
+    "empty data file": (TINY, ["data_batch_4.bin is truncated or corrupt"], ["config.json"]),
     "missing data folder": (TINY + ["--data_dir=DATA/nowhere"], ["does not exist", "--data_dir", "TFDS"],
                             ["config.json"]),
     "missing data file": (TINY, ["split is incomplete", "data_batch_3.bin", "--data_dir", "TFDS"], ["config.json"]),
@@ -123,16 +147,6 @@ def _env():
     return env
 
 
-def _snapshot(folder):
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, folder)] = f.read()
-    return files
-
-
 def _prepare(case, root):
     """Sets up the case's data and output folders; returns (data_dir, output_dir, plain file)."""
     data, out, plain = root / "data", root / "out", root / "afile"
@@ -147,6 +161,8 @@ def _prepare(case, root):
         _small_dataset(data)
     if case == "missing data file":
         (data / "data_batch_3.bin").unlink()
+    elif case == "empty data file":
+        (data / "data_batch_4.bin").write_bytes(b"")
     elif case == "truncated data file":
         with open(data / "data_batch_2.bin", "r+b") as f:
             f.truncate(RECORD * 60 - 100)
@@ -176,17 +192,21 @@ def _prepare(case, root):
     return data, out, plain
 
 
+# Cases run as subprocesses, this many at a time (each is mostly TensorFlow's start-up, ~0.4 GB).
+CONCURRENT = 8
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    started = {}
-    for case, (flags, _, _) in CASES.items():
+    def start(case):
+        flags = CASES[case][0]
         root = tmp_path_factory.mktemp("case")
         data, out, plain = _prepare(case, root)
         cwd = root / "cwd"
         cwd.mkdir()
         flags = [f"--data_dir={data}", f"--output_dir={out}", "--export=false"] + flags
         flags = [f.replace("DATA", str(data)).replace("FILE", str(plain)) for f in flags]
-        before = _snapshot(out) if out.exists() else None
+        before = snapshot(out) if out.exists() else None
         command = [sys.executable, TRAIN_PY, *flags]
         if case == "full disk at export":
             script = root / "full_disk.py"
@@ -194,12 +214,19 @@ def runs(tmp_path_factory):
             command = [sys.executable, str(script), TRAIN_PY, *flags]
         proc = subprocess.Popen(command, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-        started[case] = (root, data, out, before, proc)
-    results = {}
-    for case, (root, data, out, before, proc) in started.items():
+        return root, data, out, before, proc
+
+    def finish(root, data, out, before, proc):
         stdout, stderr = proc.communicate(timeout=300)
-        results[case] = dict(root=root, data=data, out=out, before=before, code=proc.returncode,
-                             stdout=stdout, stderr=stderr)
+        return dict(root=root, data=data, out=out, before=before, code=proc.returncode, stdout=stdout, stderr=stderr)
+
+    pending, running, results = list(CASES), {}, {}
+    while pending or running:
+        while pending and len(running) < CONCURRENT:
+            case = pending.pop(0)
+            running[case] = start(case)
+        case = next(iter(running))
+        results[case] = finish(*running.pop(case))
     return results
 
 
@@ -221,7 +248,7 @@ def test_one_line_error(runs, case):
     if leaves is NOTHING:
         assert not out.exists()
     elif leaves == "unchanged":
-        assert _snapshot(out) == run["before"]
+        assert snapshot(out) == run["before"]
     elif leaves != "trained":
         assert sorted(os.listdir(out)) == leaves
 

@@ -9,6 +9,7 @@ resume that restarts the noise stream, resets the EMA or the momentum, or resamp
 
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -23,9 +24,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CIFAR10_DIR, REPO_ROOT
+from conftest import CIFAR10_DIR, REPO_ROOT, snapshot
 from eqdp_tf.config import TrainConfig
-from eqdp_tf.errors import ConfigError
+from eqdp_tf.errors import ConfigError, PrivacyError
 from eqdp_tf.privacy import accounting
 from eqdp_tf.training import checkpoint_rng, loop
 from eqdp_tf.training.checkpoint import CheckpointStore, Interrupted, StopSignals
@@ -268,12 +269,18 @@ def _copy(reference_out, tmp_path):
     return copy
 
 
-@needs_data
-@pytest.mark.parametrize("damage", ["truncated", "corrupt", "write interrupted"])
-def test_lost_released_checkpoint_is_retaken_and_counted_twice(reference, tmp_path, damage, capsys):
-    ref_out, ref_result = reference
-    out = _copy(ref_out, tmp_path)
-    data = out / "checkpoints" / f"ckpt-{STEPS}.data-00000-of-00001"
+def _stopped_after_lost_checkpoint(reference_out, tmp_path, damage="corrupt"):
+    """A copy of the reference run as a process leaves it that was killed right after releasing the checkpoint of
+    step STEPS - 2, which is then lost (``damage``). The store keeps the last two checkpoints, so there is no
+    older one: steps 1..STEPS-2 are spent and must all be taken again."""
+    out = _copy(reference_out, tmp_path)
+    lost = STEPS - 2
+    records = _journal_steps(out)
+    end = max(i for i, r in enumerate(records) if r["event"] == "release" and r["step"] == lost)
+    (out / JOURNAL_NAME).write_text("".join(json.dumps(r) + "\n" for r in records[:end + 1]))
+    for path in (out / "checkpoints").glob(f"ckpt-{STEPS}.*"):
+        path.unlink()
+    data = out / "checkpoints" / f"ckpt-{lost}.data-00000-of-00001"
     if damage == "truncated":
         with open(data, "r+b") as f:
             f.truncate(os.path.getsize(data) // 2)
@@ -281,27 +288,84 @@ def test_lost_released_checkpoint_is_retaken_and_counted_twice(reference, tmp_pa
         with open(data, "r+b") as f:
             f.seek(os.path.getsize(data) // 2)
             f.write(bytes(64))
-    else:  # killed after the journal announced the checkpoint of the last step, before the write completed
-        for path in (out / "checkpoints").glob(f"ckpt-{STEPS}.*"):
+    else:  # killed after the journal announced the checkpoint, before the write completed
+        for path in (out / "checkpoints").glob(f"ckpt-{lost}.*"):
             path.unlink()
-        (out / "checkpoints" / "checkpoint").write_text(f'model_checkpoint_path: "ckpt-{STEPS - 2}"\n')
+    (out / "checkpoints" / "checkpoint").write_text(f'model_checkpoint_path: "ckpt-{lost}"\n')
+    return out
+
+
+@needs_data
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "write interrupted"])
+def test_lost_released_checkpoint_is_retaken_and_counted_twice(reference, tmp_path, damage, capsys):
+    ref_out, ref_result = reference
+    out = _stopped_after_lost_checkpoint(ref_out, tmp_path, damage)
+    lost = STEPS - 2
     capsys.readouterr()
-    result = loop.run(_config(out))
+    result = loop.run(_config(out))  # --noise_multiplier without --target_epsilon/--max_epsilon: no ceiling
     printed = capsys.readouterr().out
-    assert f"resuming from step {STEPS - 2}" in printed
-    assert f"steps {STEPS - 1}-{STEPS} were written out in a checkpoint that is lost" in printed
+    assert "resuming from step" not in printed  # from the start: no older checkpoint is kept
+    assert f"steps 1-{lost} were written out in a checkpoint that is lost" in printed
     if damage != "write interrupted":
-        assert f"checkpoint {out}/checkpoints/ckpt-{STEPS} is unreadable" in printed
-        assert (out / "checkpoints" / f"ckpt-{STEPS}.index.unreadable").exists()
+        assert f"checkpoint {out}/checkpoints/ckpt-{lost} is unreadable" in printed
+        assert (out / "checkpoints" / f"ckpt-{lost}.index.unreadable").exists()
     privacy = _privacy(out)
-    assert (privacy["model_steps"], privacy["steps_spent"], privacy["steps_counted_twice"]) == (STEPS, STEPS + 2, 2)
-    assert privacy["epsilon"] == pytest.approx(accounting.compute_epsilon(SIGMA, Q, STEPS + 2, 1e-5), rel=1e-12)
+    assert (privacy["model_steps"], privacy["steps_spent"], privacy["steps_counted_twice"]) == \
+        (STEPS, STEPS + lost, lost)
+    assert privacy["epsilon"] == pytest.approx(accounting.compute_epsilon(SIGMA, Q, STEPS + lost, 1e-5), rel=1e-12)
     assert privacy["epsilon"] > ref_result["epsilon"]
-    assert "2 steps count twice" in privacy["note"]
+    assert result["epsilon"] == pytest.approx(privacy["epsilon"])
+    assert f"{lost} steps count twice" in privacy["note"]
     # the re-taken steps drew fresh batches and noise (salted): the result is a different model
     assert _checkpoint_step(out) == STEPS
     journal = PrivacyJournal(str(out / JOURNAL_NAME))
     assert journal.plan_resume(STEPS).retaken == []
+
+
+@needs_data
+@pytest.mark.parametrize("ceiling", ["max_epsilon", "target_epsilon"])
+def test_a_resume_that_would_pass_the_ceiling_stops_before_any_step(reference, tmp_path, ceiling):
+    ref_out, ref_result = reference
+    out = _stopped_after_lost_checkpoint(ref_out, tmp_path)
+    kept = (JOURNAL_NAME, "privacy.json", "metrics.jsonl")
+    before = {name: (out / name).read_bytes() for name in kept}
+    limit = round(ref_result["epsilon"], 2) + 0.01  # the uninterrupted run's epsilon fits, two more steps do not
+    would_reach = accounting.compute_epsilon(SIGMA, Q, STEPS + STEPS - 2, 1e-5)
+    assert would_reach > limit
+    # The reference run was started with --target_epsilon=8 (with its --noise_multiplier, a ceiling it keeps far
+    # below); lowering it is a privacy change, hence allow_privacy_change in that variant.
+    settings = {ceiling: limit, "allow_privacy_change": ceiling == "target_epsilon"}
+    with pytest.raises(PrivacyError) as caught:
+        loop.run(_config(out, **settings))
+    message = str(caught.value)
+    assert f"steps 1-{STEPS - 2} again" in message
+    assert f"would bring epsilon to {would_reach:.4g}, above the ceiling --{ceiling}={limit:g}" in message
+    assert f"--max_epsilon={math.ceil(would_reach * 100) / 100:g}" in message
+    # No step taken: the journal, the reports and the checkpoints are as they were (the unreadable checkpoint is
+    # only set aside).
+    assert {name: (out / name).read_bytes() for name in kept} == before
+    assert not list((out / "checkpoints").glob("ckpt-*.index"))
+    # Raising the ceiling lets it go on, and the run stays below the new one.
+    result = loop.run(_config(out, **{**settings, "max_epsilon": math.ceil(would_reach * 100) / 100}))
+    assert result["epsilon"] == pytest.approx(would_reach, rel=1e-12)
+
+
+@needs_data
+def test_finished_run_is_never_trained_again(reference, tmp_path, capsys):
+    """A finished run whose final checkpoint was damaged afterwards: rerunning reports it and trains nothing."""
+    ref_out, ref_result = reference
+    out = _copy(ref_out, tmp_path)
+    data = out / "checkpoints" / f"ckpt-{STEPS}.data-00000-of-00001"
+    data.write_bytes(np.random.default_rng(0).bytes(os.path.getsize(data)))
+    before = snapshot(out)
+    capsys.readouterr()
+    result = loop.run(_config(out))
+    printed = capsys.readouterr().out
+    assert f"already finished: {out} holds this run, finished at step {STEPS}" in printed
+    assert "resuming" not in printed and f"step 1/{STEPS}" not in printed
+    assert snapshot(out) == before
+    assert result["epsilon"] == ref_result["epsilon"]
+    assert result["test_accuracy"] == ref_result["test_accuracy"]
 
 
 @needs_data

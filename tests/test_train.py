@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CIFAR10_DIR, REPO_ROOT
+from conftest import CIFAR10_DIR, REPO_ROOT, snapshot
 from eqdp_tf import data as data_lib
 from eqdp_tf import export as export_lib
 from eqdp_tf import models
@@ -57,17 +57,6 @@ def _python_env():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONDONTWRITEBYTECODE="1")
     env.pop("PYTHONPATH", None)
     return env
-
-
-def _snapshot(folder):
-    """{relative path: bytes} of every file under ``folder``."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, folder)] = f.read()
-    return files
 
 
 def _read_metrics(output_dir):
@@ -244,26 +233,23 @@ def test_resuming_finished_run_does_not_retrain(trained, tmp_path, capsys):
     cfg, out, first = trained
     copy = tmp_path / "resumed"
     shutil.copytree(out, copy)
-    before = _snapshot(copy / "checkpoints")
+    before = snapshot(copy / "checkpoints")
     privacy_before = (copy / "privacy.json").read_text()
     capsys.readouterr()
 
     result = loop.run(dataclasses.replace(cfg, output_dir=str(copy)))
     printed = capsys.readouterr().out
 
-    assert "resuming from step 3" in printed
+    assert f"already finished: {copy} holds this run, finished at step 3 and exported to {copy / 'export' / '1'}" \
+        in printed
     assert "step 1/3" not in printed and "step 3/3" not in printed  # no training step was taken
-    assert _snapshot(copy / "checkpoints") == before                  # no checkpoint written or changed
+    assert snapshot(copy / "checkpoints") == before                  # no checkpoint written or changed
     assert result["epsilon"] == first["epsilon"]
     assert result["test_accuracy"] == first["test_accuracy"]
     assert json.loads((copy / "privacy.json").read_text()) == json.loads(privacy_before)
-    lines = _read_metrics(copy)
-    assert [line["step"] for line in lines] == [2, 3, 3]
-    assert lines[-1]["epsilon"] == lines[-2]["epsilon"]
-    assert lines[-1]["test_accuracy"] == lines[-2]["test_accuracy"]
+    assert [line["step"] for line in _read_metrics(copy)] == [2, 3]  # nothing evaluated or written again
     assert os.listdir(copy / "export") == ["1"]  # the final weights are not exported a second time
     assert result["export_path"] == str(copy / "export" / "1")
-    assert f"already exported: {copy / 'export' / '1'}" in printed
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +345,7 @@ def test_missing_dataset_message_names_data_dir_and_tfds(bad_flag_runs):
 
 def test_output_dir_of_a_different_run_is_refused(trained, tmp_path):
     cfg, out, _ = trained
-    before = _snapshot(out)
+    before = snapshot(out)
     flags = [f for f in _flags_for(cfg) if not f.startswith("--group=")] + ["--group=D8"]
     proc = _start_train(flags, tmp_path)
     stdout, stderr = proc.communicate(timeout=180)
@@ -369,5 +355,55 @@ def test_output_dir_of_a_different_run_is_refused(trained, tmp_path):
     assert len(lines) == 1, stderr
     assert lines[0] == (f"error: --output_dir {out} holds a different run (differs in: group); "
                         "use another folder, or the same flags to resume it")
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
     assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: a physical batch larger than any logical batch, and running out of memory in a step
+
+
+def test_physical_batch_beyond_any_logical_batch_is_lowered(tmp_path, capsys):
+    cfg = _tiny_config(tmp_path / "out", group="C1", restrict="none", num_views=1, steps=1, export=False,
+                       physical_batch_size=100_000)
+    result = loop.run(cfg)
+    printed = capsys.readouterr().out
+    # Poisson batches of expected size 32 from 256 examples: at most 32 + 8 sd = ceil(32 + 8 * sqrt(28)) = 75.
+    assert loop.largest_logical_batch(cfg, 256) == 75
+    assert "note: --physical_batch_size 100000 is more than any logical batch of this run holds (at most 75); " \
+           "using 75" in printed
+    assert result["steps_spent"] == 1
+
+
+def test_out_of_memory_in_a_step_is_one_line_after_a_checkpoint(tmp_path, monkeypatch):
+    from eqdp_tf.privacy.dp_step import DPStep
+    from eqdp_tf.training.loop import TrainingError
+
+    original = DPStep.compiled_accumulate
+    calls = {"n": 0}
+
+    def failing_on_the_fourth_batch(self, jit):
+        accumulate = original(self, jit)
+
+        def wrapped(*args):
+            calls["n"] += 1
+            if calls["n"] == 4:  # physical batches of 16, logical ~32: inside step 2 or 3
+                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+            return accumulate(*args)
+        return wrapped
+
+    monkeypatch.setattr(DPStep, "compiled_accumulate", failing_on_the_fourth_batch)
+    out = tmp_path / "out"
+    cfg = _tiny_config(out, group="C1", restrict="none", num_views=1, steps=6, checkpoint_every=100,
+                       eval_every=100, export=False)
+    with pytest.raises(TrainingError) as caught:
+        loop.run(cfg)
+    message = str(caught.value)
+    done = int(message.split("out of memory in step ")[1].split()[0]) - 1
+    assert done >= 1
+    assert f"with --physical_batch_size 16: lower it" in message
+    assert f"the checkpoint of step {done} is kept" in message
+    # The steps taken before are checkpointed (not lost), and the journal covers exactly them.
+    assert loop.CheckpointStore(None, str(out / "checkpoints")).steps() == [done]
+    with open(out / "privacy.json") as f:
+        assert json.load(f)["steps_spent"] == done

@@ -175,6 +175,11 @@ class PrivacyJournal:
             "journal": JOURNAL_NAME,
         }
 
+    def released_final(self, steps: int, what: str) -> bool:
+        """True when an earlier process released ``what`` ("export" or "checkpoint") of the state after ``steps``:
+        the run reached its end and showed it to the world, so it is finished whatever became of its checkpoints."""
+        return any(r["event"] == "release" and r["step"] >= steps and r.get("what") == what for r in self.records)
+
     def plan_resume(self, start: int) -> ResumePlan:
         """Checks the journal covers the checkpoint at ``start`` and works out which steps to re-take afresh."""
         spent = {s.step for s in self.steps()}

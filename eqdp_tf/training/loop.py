@@ -156,14 +156,30 @@ def calibrate_remaining(spent, target_epsilon, sampling_rate, steps, delta, tole
     return hi
 
 
+def largest_logical_batch(cfg, num_examples):
+    """A size no logical batch of this run exceeds: the batch itself when shuffling; for Poisson sampling eight
+    standard deviations above the mean (probability < 1e-15 per step), at most the whole training set."""
+    if cfg.sampling != "poisson":
+        return cfg.batch_size
+    q = cfg.batch_size / num_examples
+    return min(num_examples, math.ceil(cfg.batch_size + 8 * math.sqrt(cfg.batch_size * (1 - q))))
+
+
+def physical_batch_size(cfg, num_examples):
+    """--physical_batch_size, lowered to the largest logical batch: rows beyond it would only ever be padding
+    (and could exhaust the memory for nothing). A larger logical batch is still split into several."""
+    return min(cfg.physical_batch_size, largest_logical_batch(cfg, num_examples))
+
+
 def _make_sampler(cfg, num_examples, seed=None):
     seed = cfg.seed if seed is None else seed
     if cfg.batch_size > num_examples:
         raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the {num_examples} training examples "
                           "(sampling rate q > 1)")
+    physical = physical_batch_size(cfg, num_examples)
     if cfg.sampling == "poisson":
-        return data_lib.PoissonSampler(num_examples, cfg.batch_size / num_examples, cfg.physical_batch_size, seed)
-    return data_lib.ShuffleSampler(num_examples, cfg.batch_size, cfg.physical_batch_size, seed)
+        return data_lib.PoissonSampler(num_examples, cfg.batch_size / num_examples, physical, seed)
+    return data_lib.ShuffleSampler(num_examples, cfg.batch_size, physical, seed)
 
 
 def build_model(cfg):
@@ -332,14 +348,7 @@ class _Training:
         self.planned = planned = journal.ledger()
         planned.record(q, sigma, cfg.steps - start)
         self.planned_epsilon = planned.epsilon(cfg.delta) if cfg.dp else math.inf
-        # The epsilon --target_epsilon speaks of: this run's, or with a TAN simulation the simulated run's.
-        targeted = self.simulation.epsilon(planned, cfg.delta) if self.simulation else self.planned_epsilon
-        if cfg.dp and cfg.noise_multiplier is not None and cfg.target_epsilon is not None \
-                and targeted > cfg.target_epsilon:
-            raise PrivacyError(
-                f"--noise_multiplier={cfg.noise_multiplier:g} gives {'simulated ' if self.simulation else ''}"
-                f"epsilon {targeted:.4g} after --steps={cfg.steps}, above --target_epsilon={cfg.target_epsilon:g}: "
-                "the two contradict each other; drop one (or raise the noise)")
+        self._check_ceiling(planned, plan)
         self.warnings = []
         if cfg.dp:
             self.warnings = accounting.validate_privacy_params(
@@ -349,6 +358,62 @@ class _Training:
         key = checkpoint_rng.load_or_create_key(cfg.output_dir, cfg.dp_seed)
         return {"start": start, "restore": self.prefix is not None, "sigma": sigma, "key": f"{key:064x}",
                 "salts": sorted(plan.salts.items()), "config": cfg.to_json(), "fingerprint": fingerprint}
+
+    def _check_ceiling(self, planned, plan):
+        """Refuses a run whose planned steps would take epsilon past the ceiling (--max_epsilon, else
+        --target_epsilon; with a TAN simulation, the simulated run's epsilon) before any step is taken."""
+        cfg, ceiling = self.cfg, self.cfg.epsilon_ceiling
+        if ceiling is None:
+            return
+        simulated = "simulated " if self.simulation else ""
+        reached = self.simulation.epsilon(planned, cfg.delta) if self.simulation else self.planned_epsilon
+        if reached <= ceiling:
+            return
+        limit = f"--max_epsilon={cfg.max_epsilon:g}" if cfg.max_epsilon is not None else \
+            f"--target_epsilon={cfg.target_epsilon:g}"
+        if plan.retaken:
+            raise PrivacyError(
+                f"resuming must take steps {describe_steps(plan.retaken)} again (their checkpoint is lost; both takes "
+                f"count), which would bring {simulated}epsilon to {reached:.4g}, above the ceiling {limit}; nothing "
+                f"was trained: pass --max_epsilon={math.ceil(reached * 100) / 100:g} to allow it, or start a new "
+                "folder")
+        if cfg.noise_multiplier is not None and cfg.max_epsilon is None:
+            raise PrivacyError(
+                f"--noise_multiplier={cfg.noise_multiplier:g} gives {simulated}epsilon {reached:.4g} after "
+                f"--steps={cfg.steps}, above --target_epsilon={cfg.target_epsilon:g}: the two contradict each other; "
+                "drop one (or raise the noise)")
+        raise PrivacyError(
+            f"this run would reach {simulated}epsilon {reached:.4g} after --steps={cfg.steps}, above the ceiling "
+            f"{limit}; nothing was trained: raise the noise or the ceiling")
+
+    def _finished_run(self):
+        """Chief: the final metrics if an earlier process finished this run (released its final export, or
+        with --export=false its final checkpoint), else None. A finished run stays finished: it is never trained
+        again, whatever became of its checkpoints since."""
+        cfg, out = self.cfg, self.cfg.output_dir
+        if not self.journal.released_final(cfg.steps, "export" if cfg.export else "checkpoint"):
+            return None
+        export = export_lib.latest_version(os.path.join(out, "export")) if cfg.export else None
+        if cfg.export and export is None:  # announced, but the export itself failed: export again
+            return None
+        metrics_path, privacy_path = os.path.join(out, "metrics.jsonl"), os.path.join(out, "privacy.json")
+        try:
+            with open(metrics_path) as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+            privacy = load_saved(privacy_path)
+        except (OSError, ValueError):
+            lines, privacy = [], {}
+        final = {**(lines[-1] if lines else {}), "noise_multiplier": privacy.get("noise_multiplier"),
+                 "steps_spent": privacy.get("steps_spent"), "export_path": export}
+        if "simulated_run" in privacy:
+            final["simulated_run"] = privacy["simulated_run"]
+        eps = privacy.get("epsilon", final.get("epsilon"))
+        final["epsilon"] = eps
+        print(f"already finished: {out} holds this run, finished at step {cfg.steps}"
+              + (f" and exported to {export}" if export else "")
+              + (f" (epsilon {eps:.3f}, delta {cfg.delta})" if eps is not None else "")
+              + "; nothing trained, nothing written")
+        return final
 
     def _check_worker(self, shared, fingerprint):
         """Worker: its flags and data must be the chief's (same batches, same split over replicas)."""
@@ -371,6 +436,9 @@ class _Training:
         self.stop.reinstall()
         chief = dist.is_chief
         changes = dist.from_chief(self._open_run_folder, "checking --output_dir") or {}
+        finished = dist.from_chief(self._finished_run, "checking whether the run has finished")
+        if finished is not None:
+            return finished
         tf.keras.utils.set_random_seed(cfg.seed)
         train_images, train_labels, test_images, test_labels = dist.on_every_worker(
             lambda: load_data(cfg), "loading the data")
@@ -562,7 +630,16 @@ class _Training:
             step_loss = 0.0
             for batch in dataset:
                 inputs = dist.distribute(batch)
-                stats = accumulate(inputs["views"], inputs["labels"], inputs["mask"])
+                try:
+                    stats = accumulate(inputs["views"], inputs["labels"], inputs["mask"])
+                except tf.errors.ResourceExhaustedError:
+                    step_fn.reset()  # the half-accumulated step is abandoned: nothing of it was noised
+                    if step > state["saved"]:
+                        save_checkpoint(step)
+                    raise TrainingError(
+                        f"out of memory in step {step + 1} with --physical_batch_size {sampler.physical_batch_size}: "
+                        f"lower it (the logical batch is accumulated over more physical batches, same result); "
+                        f"the checkpoint of step {state['saved']} is kept, rerun to resume") from None
                 window.add(stats)
                 since_eval.add(stats)
                 step_loss += float(stats["loss_sum"])
@@ -619,16 +696,17 @@ class _Training:
                 f"{signal.Signals(stopping).name} at step {step}/{cfg.steps}: {where}"
                 + (f"; epsilon spent so far {eps:.3f}" if cfg.dp and step and chief else "")
                 + "; rerun the same command to resume", stopping)
-        finished_before = not result
+        no_step_taken = not result
 
         def finish():
             """Chief: final report, privacy.json and export."""
-            final = report(step) if finished_before else result  # resumed a finished run: report its state again
+            # Resumed at the final checkpoint of a run that had not exported yet: report its state again.
+            final = report(step) if no_step_taken else result
             privacy = write_privacy(step)
             final = {**final, "parameters": model.count_params(), "noise_multiplier": sigma,
                      "steps_spent": privacy["steps_spent"]}
             previous_export = export_lib.latest_version(os.path.join(out, "export"))
-            if cfg.export and finished_before and previous_export:
+            if cfg.export and no_step_taken and previous_export:
                 # The final weights are already exported; a rerun of a finished command must not pile up copies.
                 final["export_path"] = previous_export
                 print(f"already exported: {previous_export}")
@@ -669,6 +747,9 @@ class _Training:
 
         for warning in self.warnings:
             print(f"warning: {warning}", flush=True)
+        if sampler.physical_batch_size < cfg.physical_batch_size:
+            print(f"note: --physical_batch_size {cfg.physical_batch_size} is more than any logical batch of this run "
+                  f"holds (at most {sampler.physical_batch_size}); using {sampler.physical_batch_size}", flush=True)
         for path, err in self.skipped:
             print(f"warning: checkpoint {path} is unreadable ({err}); set aside, using an older one")
         print(f"model {model.name}: {model.count_params():,} parameters; train {num_examples}, test "
