@@ -278,6 +278,8 @@ def config_from_flags(values=None):
     kwargs["noise_multiplier"] = _optional_number(f.noise_multiplier, float, "noise_multiplier")
     kwargs["target_epsilon"] = _optional_number(f.target_epsilon, float, "target_epsilon")
     kwargs["max_epsilon"] = _optional_number(f.max_epsilon, float, "max_epsilon")
+    if kwargs.get("data_dir") == "":  # --data_dir= (e.g. to override a flagfile's folder): TFDS
+        kwargs["data_dir"] = None
     if kwargs["noise_multiplier"] is not None and not _given(f, "target_epsilon"):
         kwargs["target_epsilon"] = None  # the default target is only for calibrating sigma when none is given
     kwargs = {k: v for k, v in kwargs.items()

@@ -10,6 +10,8 @@ after a crash at step s sees exactly the batches and augmentations the original 
 import math
 import os
 import pickle
+import socket
+import urllib.parse
 from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -75,13 +77,50 @@ def _take_subset(images, labels, subset):
     return images[:subset], labels[:subset]
 
 
+# Where TFDS's cifar10 builder downloads the archive from (its CifarInfo url).
+TFDS_DOWNLOAD_HOST = ("www.cs.toronto.edu", 443)
+_PROBE_SECONDS = 5.0
+
+
+def _download_endpoint():
+    """(host, port) a download would connect to first: the HTTPS proxy if one is set, else the archive's host."""
+    proxy = os.environ.get("https_proxy") or os.environ.get("HTTPS_PROXY")
+    if not proxy:
+        return TFDS_DOWNLOAD_HOST
+    parsed = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def _check_download_possible():
+    """Fails within seconds when the download cannot even connect: TFDS itself retries for minutes offline."""
+    host, port = _download_endpoint()
+    try:
+        socket.create_connection((host, port), timeout=_PROBE_SECONDS).close()
+    except OSError as err:
+        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise MissingDataError(
+            f"cannot download CIFAR-10 through TFDS: no connection to {host}:{port} ({reason}). Pass --data_dir "
+            f"with a local copy ({_BIN_DIR} or {_PY_DIR}), or prepare TFDS's copy once on a machine online "
+            "(its folder: TFDS_DATA_DIR, default ~/tensorflow_datasets).") from None
+
+
 def _load_from_tfds(split):
+    """CIFAR-10 from TFDS: its prepared copy if there is one (no network), else downloaded and prepared."""
     try:
         import tensorflow_datasets as tfds  # imported lazily: slow, and unused with --data_dir
-
-        data = tfds.load("cifar10", split=split, batch_size=-1, as_supervised=True, download=True)
+    except ImportError as exc:
+        raise DataError(f"TFDS cannot be imported ({exc}); reinstall the package (pip install -e .) or pass "
+                        f"--data_dir with a local copy ({_BIN_DIR} or {_PY_DIR}).") from None
+    try:
+        builder = tfds.builder("cifar10")
+        if not builder.is_prepared():
+            _check_download_possible()
+            builder.download_and_prepare()
+        data = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
         images, labels = tfds.as_numpy(data)
-    except Exception as exc:  # offline, blocked proxy, corrupt cache, ...: all fixable the same way
+    except DataError:
+        raise
+    except Exception as exc:  # blocked proxy, failed download, corrupt cache, ...: all fixable the same way
         raise DataError(
             f"Could not load CIFAR-10 through TFDS ({type(exc).__name__}: {exc}); either pass --data_dir "
             f"pointing at a folder with {_BIN_DIR} or {_PY_DIR}, or allow TFDS to download it (needs internet)."

@@ -192,6 +192,8 @@ def load_data(cfg):
         train = data_lib.load_cifar10("train", cfg.data_dir, cfg.train_subset)
         test = data_lib.load_cifar10("test", cfg.data_dir, cfg.test_subset)
     except data_lib.MissingDataError as err:
+        if cfg.data_dir is None:  # TFDS's own message says what to do
+            raise
         raise DataError(f"{err} Point --data_dir at the folder with the CIFAR-10 files, or leave it unset to "
                         "download CIFAR-10 through TFDS.") from None
     except ConfigError as err:
