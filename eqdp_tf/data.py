@@ -394,6 +394,8 @@ def make_train_dataset(images, labels, sampler, num_views: int, seed: int,
                        num_replicas: int = 1, replica_ids=None) -> tf.data.Dataset:
     """All physical batches of logical steps start_step .. start_step+num_steps-1, in order.
 
+    `start_step` may be a function returning the first step, called each time the dataset is iterated.
+
     Elements are dicts: views uint8 [P,K,32,32,3], labels int64 [P], mask float32 [P], step int64 scalar
     and last bool scalar (True on the final physical batch of its step, where the optimiser applies the
     noisy update). `num_steps=None` streams steps without end.
@@ -410,7 +412,8 @@ def make_train_dataset(images, labels, sampler, num_views: int, seed: int,
         raise ConfigError(f"sampler was built for {sampler.num_examples} examples but the data has {len(labels)}.")
     num_views = _check_int("num_views", num_views, 1)
     seed = _check_int("seed", seed, 0)
-    start_step = _check_int("start_step", start_step, 0)
+    if not callable(start_step):
+        start_step = _check_int("start_step", start_step, 0)
     if num_steps is not None:
         num_steps = _check_int("num_steps", num_steps, 1)
     num_replicas = _check_int("num_replicas", num_replicas, 1)
@@ -422,8 +425,10 @@ def make_train_dataset(images, labels, sampler, num_views: int, seed: int,
     label_table = tf.constant(labels)
 
     def steps():
-        step = start_step
-        while num_steps is None or step < start_step + num_steps:
+        # A callable start is asked afresh at every iteration of the dataset (Keras iterates once per epoch).
+        first = _check_int("start_step", start_step(), 0) if callable(start_step) else start_step
+        step = first
+        while num_steps is None or step < first + num_steps:
             yield step
             step += 1
 

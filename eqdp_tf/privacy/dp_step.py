@@ -372,17 +372,19 @@ class DPStep:
     def dp(self):
         return self._dp
 
-    def accumulate(self, views, labels, mask):
+    def accumulate(self, views, labels, mask, return_outputs=False):
         """Adds the masked sum of this physical batch's (clipped) gradients to the accumulators.
 
         Args:
           views: [B, K, H, W, C].
           labels: [B, ...].
           mask: [B] float, 1 for a real example, 0 for padding.
+          return_outputs: also return the per-example losses [B] and the logits [B, K, ...] (for metrics).
 
         Returns:
           dict of scalars over real examples: 'loss_sum', 'num_correct', 'count', and with
-          dp=True also 'grad_norm_mean' (before clipping) and 'clipped_fraction'.
+          dp=True also 'grad_norm_mean' (before clipping) and 'clipped_fraction'; with return_outputs,
+          (that dict, losses, logits).
         """
         views = _check_views(views)
         labels = tf.convert_to_tensor(labels)
@@ -397,12 +399,13 @@ class DPStep:
         for acc, g in zip(self._accumulators, grad_sums):
             acc.assign_add(g)
         count = tf.reduce_sum(mask)
-        return {
+        stats = {
             "loss_sum": tf.reduce_sum(mask * tf.cast(losses, tf.float32)),
             "num_correct": tf.reduce_sum(mask * _num_correct(logits, labels)),
             "count": count,
             **extra,
         }
+        return (stats, losses, logits) if return_outputs else stats
 
     def _private_batch(self, views, labels, mask):
         grads, losses, logits = per_example_gradients(

@@ -30,16 +30,26 @@ from tensorflow_privacy.privacy.fast_gradient_clipping import gradient_clipping_
 _LINEAR = (None, tf.keras.activations.linear)
 
 
-def _is_conv_like(layer):
+def conv_rule_applies(layer, ignore_activation=False):
+    """True when the convolution rule gives ``layer``'s per-example weight gradients from dL/d(output).
+
+    ``ignore_activation``: the caller differentiates at the pre-activation output (fast clipping does)."""
     if hasattr(layer, "expanded_kernel") and hasattr(layer, "kernel_size"):
         return True
     return (
-        type(layer) is tf.keras.layers.Conv2D
-        and layer.activation in _LINEAR
+        isinstance(layer, tf.keras.layers.Conv2D)
+        and type(layer).call is tf.keras.layers.Conv2D.call
+        and (ignore_activation or layer.activation in _LINEAR)
         and tuple(layer.dilation_rate) == (1, 1)
+        and layer.kernel_size[0] == layer.kernel_size[1]  # the rule's geometry is square
+        and layer.strides[0] == layer.strides[1]
         and layer.groups == 1
         and layer.data_format == "channels_last"
     )
+
+
+def _is_conv_like(layer):
+    return conv_rule_applies(layer)
 
 
 def _is_dense(layer):
@@ -111,6 +121,18 @@ def _kernel_grad_by_taps(x, dz_rows, k, s, padding, batch):
             taps.append(tf.linalg.matmul(tf.reshape(shifted, [batch, -1, in_channels]), dz_rows, transpose_a=True))
     grad = tf.stack(taps, axis=1)  # [B, k*k, C_in, C_out]
     return tf.reshape(grad, [batch, k, k, in_channels, -1])
+
+
+def conv_weight_gradients(layer, x, dz, batch):
+    """[(variable, [B, *variable.shape])] of a convolution-like layer (``conv_rule_applies``) from its input
+    ``x`` and dL/d(pre-activation output) ``dz``, whose rows are grouped by example (B examples)."""
+    return _conv_rule(layer, x, dz, batch, None)
+
+
+def rerun_weight_gradients(layer, x, dz, batch, num_views):
+    """[(variable, [B, *variable.shape])] of any layer whose examples are independent, by re-running it per
+    example (its K views together) on ``x`` against the output gradient ``dz``."""
+    return _generic_rule(layer, x, dz, batch, num_views)
 
 
 def _conv_rule(layer, x, dz, batch, num_views):
