@@ -241,3 +241,31 @@ def test_refusals(case, fragment):
             model.compile(optimizer="sgd", loss=_loss())
             model.fit(model.poisson_batches(np.zeros([64, 32, 32, 3], np.uint8), np.zeros([64], np.int64),
                                             physical_batch_size=16), verbose=0)
+
+
+@needs_data
+def test_readme_fit_example_runs(tmp_path):
+    """README's make_private example, shrunk to 256 examples and 2 steps."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        text = f.read()
+    code = text.split("<!-- fit-example -->\n```python\n", 1)[1].split("```\n<!-- /fit-example -->", 1)[0]
+    assert len(code.strip().splitlines()) <= 30
+    code = re.sub(r"^DATA = .*$", f"DATA = {CIFAR10_DIR!r}", code, flags=re.M)
+    code = re.sub(r"^TRAIN, STEPS = .*$", "TRAIN, STEPS = 256, 2", code, flags=re.M)
+    code = code.replace("steps_per_epoch=100", "steps_per_epoch=2")
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO_ROOT)
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    match = re.search(r"test accuracy (\S+), epsilon (\S+) after (\d+) steps", proc.stdout)
+    assert match, proc.stdout[-2000:]
+    assert float(match.group(2)) <= 8.0 and int(match.group(3)) >= 2
+    assert "epsilon" in (tmp_path / "fit_log.csv").read_text().splitlines()[0].split(",")
