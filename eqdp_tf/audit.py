@@ -22,6 +22,10 @@ with gradient canaries, on our DP-SGD step:
    The lower bound is the largest eps this rejects at the chosen confidence. Several (k+, k-) are tried,
    with a Bonferroni correction, so reporting the best of them keeps the confidence.
 
+With ``--simulated_batch_size`` (a TAN simulation, see ``privacy.simulation``) the audit runs the configuration as
+trained, at the real batch size and the scaled-down sigma, so it tests the run's own (large) epsilon, never the
+simulated one.
+
 ``--audit_break`` trains with no noise and no clipping while the accountant still reports the configured
 sigma and C: a deliberately broken implementation, which the audit must flag as leaking (lower bound above
 the accountant's epsilon). Audits are loose: for a correct run the bound sits far below the accountant's
@@ -296,6 +300,10 @@ def main(argv):
         print(f"error: {config.one_line(err)}", file=sys.stderr)
         return 2
     print(result.summary())
+    if cfg.simulated_batch_size is not None:
+        print(f"note: --simulated_batch_size={cfg.simulated_batch_size} makes this a TAN simulation: it trains at "
+              f"--batch_size={cfg.batch_size} with sigma scaled down, and the audit tests that run's own epsilon "
+              "(the accountant's above). The simulated run's epsilon is no guarantee of this run; it is not audited.")
     return 1 if result.leaking else 0
 
 

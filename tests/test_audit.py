@@ -110,3 +110,16 @@ def test_audit_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "eqdp_tf.audit", *FLAGS, "--audit_canaries=3"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --audit_canaries must be a whole number >= 10, got 3"
+
+
+@needs_data
+def test_audit_of_a_simulated_run_tests_its_own_epsilon():
+    """A TAN-simulated configuration trains at the real batch with sigma scaled down: the audit's accountant
+    epsilon is that run's own, not the simulated run's."""
+    settings = {**AUDITED, "steps": 3, "simulated_batch_size": 256, "target_epsilon": None}
+    cfg = TrainConfig(**settings)
+    result = audit.run_audit(cfg, 100, 0.95, False, audit.small_model)
+    q = 64 / 512
+    assert result.noise_multiplier == pytest.approx(1.5 * 64 / 256)
+    assert result.accountant_epsilon == pytest.approx(accounting.compute_epsilon(1.5 * 64 / 256, q, 3, 1e-5))
+    assert result.accountant_epsilon > accounting.compute_epsilon(1.5, 256 / 512, 3, 1e-5)
