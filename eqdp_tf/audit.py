@@ -175,7 +175,7 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
     from eqdp_tf.privacy import accounting
     from eqdp_tf.privacy.dp_step import DPStep, clip_per_example
     from eqdp_tf.training import loop
-    from eqdp_tf.training.checkpoint_rng import KeyedNoiseDPOptimizer
+    from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer
 
     if not cfg.dp:
         raise ConfigError("the audit checks a DP configuration; --dp=false claims no guarantee to audit")
@@ -194,7 +194,7 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
 
     model = model_fn() if model_fn is not None else loop.build_model(cfg)
     clip = 1e12 if broken else cfg.l2_norm_clip  # "no clipping": a bound no gradient reaches
-    optimizer = KeyedNoiseDPOptimizer(l2_norm_clip=clip, noise_multiplier=0.0 if broken else sigma,
+    optimizer = DPKerasSGDOptimizer(l2_norm_clip=clip, noise_multiplier=0.0 if broken else sigma,
                                       expected_batch_size=sampler.expected_batch_size,
                                       learning_rate=cfg.learning_rate, momentum=cfg.momentum)
     step_fn = DPStep(model, None, optimizer, view_reduction=cfg.view_reduction, dp=True)

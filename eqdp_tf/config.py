@@ -13,7 +13,7 @@ from typing import Optional
 
 from absl import flags
 
-import layers
+from layers import groups as groups_lib
 from eqdp_tf.errors import ConfigError
 from eqdp_tf.models import ARCHITECTURES, HEADS
 
@@ -143,13 +143,13 @@ class TrainConfig:
 
     def _validate_groups(self):
         try:
-            group = layers.get_group(self.group)
+            group = groups_lib.get(self.group)
         except ValueError as err:
             raise ConfigError(f"--group: {err}") from None
         if self.restricted_group is None:
             return
         try:
-            group.subgroup_embedding(layers.get_group(self.restrict))
+            group.subgroup_embedding(groups_lib.get(self.restrict))
         except ValueError as err:
             raise ConfigError(f"--restrict: {err} (or use --restrict=none)") from None
 

@@ -41,7 +41,8 @@ from eqdp_tf import data as data_lib
 from eqdp_tf.errors import ConfigError, PrivacyError
 from eqdp_tf.privacy import accounting, fast_clipping
 from eqdp_tf.privacy.dp_step import VIEW_REDUCTIONS, DPStep
-from eqdp_tf.training.checkpoint_rng import KeyedNoiseDPOptimizer, StepRandomness
+from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer
+from eqdp_tf.privacy.randomness import StepRandomness
 from eqdp_tf.training.ema import WeightAverage
 
 _POISSON_KEYS = {"views", "mask", "last"}
@@ -226,7 +227,7 @@ class PrivateModel(tf.keras.Model):
             raise ConfigError("steps_per_execution must be 1 with make_private: each call must see one physical "
                               "batch, so that the noise seed and the epsilon ceiling are checked at every step")
         learning_rate, momentum, nesterov = _sgd_hyperparameters(optimizer)
-        self.dp_optimizer = KeyedNoiseDPOptimizer(
+        self.dp_optimizer = DPKerasSGDOptimizer(
             l2_norm_clip=self.settings.l2_norm_clip, noise_multiplier=self.noise_multiplier,
             expected_batch_size=self.settings.batch_size, learning_rate=learning_rate, momentum=momentum,
             nesterov=nesterov)

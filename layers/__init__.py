@@ -4,12 +4,25 @@ Usable on their own; this package imports only TensorFlow and numpy. Channel lay
 ``F`` regular fields over G are ``F*|G|`` channels, channel ``c*|G| + g`` = field c, orientation g.
 """
 
-from layers.conv import GroupConv2D, LiftingConv2D
-from layers.freeze import freeze
 from layers.groups import Group, cyclic_group, dihedral_group, get as get_group
-from layers.normalization import GroupNormalization, closest_divisor
-from layers.pooling import GroupPooling, SpatialPooling2D
-from layers.restriction import RestrictToSubgroup
+
+# The Keras layers import TensorFlow; they are loaded on first use, so that the groups (numpy only) can be used,
+# e.g. to validate flags, without starting TensorFlow.
+_LAZY = {
+    "GroupConv2D": "layers.conv", "LiftingConv2D": "layers.conv", "freeze": "layers.freeze",
+    "GroupNormalization": "layers.normalization", "closest_divisor": "layers.normalization",
+    "GroupPooling": "layers.pooling", "SpatialPooling2D": "layers.pooling",
+    "RestrictToSubgroup": "layers.restriction",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'layers' has no attribute {name!r}")
+
 
 __all__ = [
     "Group",

@@ -19,7 +19,6 @@ tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfigu
 from eqdp_tf import data as data_lib  # noqa: E402
 from eqdp_tf.errors import ConfigError  # noqa: E402
 from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer, DPStep  # noqa: E402
-from eqdp_tf.training.checkpoint_rng import KeyedNoiseDPOptimizer  # noqa: E402
 import test_dp_step as dp_step_tests  # noqa: E402  (the same small network as the single-device DP tests)
 
 NUM_CLASSES = dp_step_tests.NUM_CLASSES
@@ -177,7 +176,7 @@ def main():
         results = {
             "sigma0": compare(lambda: DPKerasSGDOptimizer(0.5, 0.0, EXPECTED_BATCH, 0.1, momentum=0.9)),
             "nonprivate": compare(lambda: DPKerasSGDOptimizer(0.5, 0.0, EXPECTED_BATCH, 0.1), dp=False),
-            "keyed_noise": compare(lambda: KeyedNoiseDPOptimizer(0.5, 1.5, EXPECTED_BATCH, 0.1, momentum=0.9),
+            "keyed_noise": compare(lambda: DPKerasSGDOptimizer(0.5, 1.5, EXPECTED_BATCH, 0.1, momentum=0.9),
                                    noise_seeds=seeds),
             "noise": noise_std(),
         }

@@ -422,3 +422,17 @@ def test_report_from_json_ignores_extra_keys_and_names_missing_ones(tmp_path):
     del data["delta"]
     with pytest.raises(PrivacyError, match="missing delta"):
         PrivacyReport.from_json(data)
+
+
+def test_calibration_with_steps_already_spent_meets_the_target_composed():
+    spent = PrivacyLedger()
+    spent.record(Q, 4.0, 200)
+    sigma = calibrate_noise_multiplier(8.0, Q, STEPS - 200, DELTA, spent=spent)
+    total = PrivacyLedger(spent.segments)
+    total.record(Q, sigma, STEPS - 200)
+    assert total.epsilon(DELTA) <= 8.0
+    below = PrivacyLedger(spent.segments)
+    below.record(Q, sigma - 0.01, STEPS - 200)
+    assert below.epsilon(DELTA) > 8.0  # the smallest such sigma, to the tolerance
+    with pytest.raises(PrivacyError, match="already taken spent epsilon"):
+        calibrate_noise_multiplier(spent.epsilon(DELTA) * 0.5, Q, 10, DELTA, spent=spent)

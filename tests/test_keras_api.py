@@ -18,7 +18,8 @@ from eqdp_tf.errors import ConfigError, PrivacyError
 from eqdp_tf.models import build_model
 from eqdp_tf.privacy import accounting
 from eqdp_tf.privacy.dp_step import DPStep
-from eqdp_tf.training.checkpoint_rng import KeyedNoiseDPOptimizer, StepRandomness
+from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer
+from eqdp_tf.privacy.randomness import StepRandomness
 
 KEY = 12345
 N, B, P, K = 128, 32, 16, 2
@@ -79,7 +80,7 @@ def test_fit_equals_the_training_programs_dp_step(cifar):
     reference = _small_equivariant_cnn()
     randomness = StepRandomness(KEY)
     sampler, num_batches = _physical_batches(steps)
-    optimizer = KeyedNoiseDPOptimizer(l2_norm_clip=CLIP, noise_multiplier=SIGMA, expected_batch_size=B,
+    optimizer = DPKerasSGDOptimizer(l2_norm_clip=CLIP, noise_multiplier=SIGMA, expected_batch_size=B,
                                       learning_rate=LR)
     step_fn = DPStep(reference, None, optimizer)
     taken = 0

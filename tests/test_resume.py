@@ -28,7 +28,9 @@ from conftest import CIFAR10_DIR, REPO_ROOT, snapshot
 from eqdp_tf.config import TrainConfig
 from eqdp_tf.errors import ConfigError, PrivacyError
 from eqdp_tf.privacy import accounting
-from eqdp_tf.training import checkpoint_rng, loop
+from eqdp_tf.privacy import randomness as randomness_lib
+from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer
+from eqdp_tf.training import loop, secret_key
 from eqdp_tf.training.checkpoint import CheckpointStore, Interrupted, StopSignals
 from eqdp_tf.training.checkpoint_journal import JOURNAL_NAME, JournalError, PrivacyJournal
 
@@ -480,7 +482,7 @@ def test_keyed_noise_is_a_function_of_the_seed_only():
     grads = [tf.zeros([1000]), tf.zeros([10, 10])]
 
     def noise(seed):
-        optimizer = checkpoint_rng.KeyedNoiseDPOptimizer(2.0, 1.5, 32.0, learning_rate=0.1)
+        optimizer = DPKerasSGDOptimizer(2.0, 1.5, 32.0, learning_rate=0.1)
         optimizer.set_noise_seed(seed)
         return np.concatenate([n.numpy().ravel() for n in tf.function(optimizer.noised_sum)(grads)])
 
@@ -493,14 +495,14 @@ def test_keyed_noise_is_a_function_of_the_seed_only():
 def test_step_randomness_and_salted_sampler():
     from eqdp_tf import data as data_lib
 
-    rand = checkpoint_rng.StepRandomness(key=12345, salts={5: 2})
+    rand = randomness_lib.StepRandomness(key=12345, salts={5: 2})
     assert rand.sampler_seed(0) != rand.sampler_seed(2)
     assert not np.array_equal(rand.noise_seed(4), rand.noise_seed(6))
-    other = checkpoint_rng.StepRandomness(key=12346)
+    other = randomness_lib.StepRandomness(key=12346)
     assert not np.array_equal(rand.noise_seed(4), other.noise_seed(4))
-    assert np.array_equal(rand.noise_seed(4), checkpoint_rng.StepRandomness(12345).noise_seed(4))
-    assert not np.array_equal(rand.noise_seed(5), checkpoint_rng.StepRandomness(12345).noise_seed(5))
-    sampler = checkpoint_rng.SaltedSampler(lambda seed: data_lib.PoissonSampler(1000, 0.1, 64, seed), rand)
+    assert np.array_equal(rand.noise_seed(4), randomness_lib.StepRandomness(12345).noise_seed(4))
+    assert not np.array_equal(rand.noise_seed(5), randomness_lib.StepRandomness(12345).noise_seed(5))
+    sampler = randomness_lib.SaltedSampler(lambda seed: data_lib.PoissonSampler(1000, 0.1, 64, seed), rand)
     plain = data_lib.PoissonSampler(1000, 0.1, 64, rand.sampler_seed(0))
     for step in (3, 4, 6):
         np.testing.assert_array_equal(sampler.sample(step), plain.sample(step))
@@ -509,16 +511,16 @@ def test_step_randomness_and_salted_sampler():
 
 
 def test_secret_key_file(tmp_path):
-    key = checkpoint_rng.load_or_create_key(str(tmp_path))
-    path = tmp_path / checkpoint_rng.SECRET_NAME
+    key = secret_key.load_or_create_key(str(tmp_path))
+    path = tmp_path / secret_key.SECRET_NAME
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert checkpoint_rng.load_or_create_key(str(tmp_path)) == key
-    assert key != checkpoint_rng.load_or_create_key(str(tmp_path / "other_does_not_matter"), dp_seed=1)
-    assert checkpoint_rng.load_or_create_key("/nonexistent", dp_seed=1) == checkpoint_rng.load_or_create_key(
+    assert secret_key.load_or_create_key(str(tmp_path)) == key
+    assert key != secret_key.load_or_create_key(str(tmp_path / "other_does_not_matter"), dp_seed=1)
+    assert secret_key.load_or_create_key("/nonexistent", dp_seed=1) == secret_key.load_or_create_key(
         "/elsewhere", dp_seed=1)
     path.write_text("{")
     with pytest.raises(ConfigError, match="unreadable"):
-        checkpoint_rng.load_or_create_key(str(tmp_path))
+        secret_key.load_or_create_key(str(tmp_path))
 
 
 def test_checkpoint_store_is_atomic_and_falls_back(tmp_path):

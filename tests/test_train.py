@@ -401,7 +401,7 @@ def test_out_of_memory_in_a_step_is_one_line_after_a_checkpoint(tmp_path, monkey
     message = str(caught.value)
     done = int(message.split("out of memory in step ")[1].split()[0]) - 1
     assert done >= 1
-    assert f"with --physical_batch_size 16: lower it" in message
+    assert "with --physical_batch_size 16: lower it" in message
     assert f"the checkpoint of step {done} is kept" in message
     # The steps taken before are checkpointed (not lost), and the journal covers exactly them.
     assert loop.CheckpointStore(None, str(out / "checkpoints")).steps() == [done]

@@ -1,30 +1,24 @@
-"""Model zoo: every model takes raw [0, 255] pixels and returns logits."""
+"""Model zoo: every model takes raw [0, 255] pixels and returns logits.
 
-import tensorflow as tf
+The names (``ARCHITECTURES``, ``HEADS``) are plain data; the builders import TensorFlow and are loaded on first
+use, so that validating flags does not start TensorFlow.
+"""
 
-from eqdp_tf.models.resnet9 import HEADS, equivariant_resnet9, stage_outputs
-from eqdp_tf.models.wide_resnet import wide_resnet
+from eqdp_tf.models.names import ARCHITECTURES, HEADS
 
-ARCHITECTURES = ("eq_resnet9", "wrn16_4")
-
-
-def build_model(architecture="eq_resnet9", group="D4", restrict="D2", head="paper", num_classes=10, **kwargs):
-    """Builds a model by name; ``group``/``restrict``/``head`` apply to the (equivariant) ResNet-9."""
-    if architecture == "eq_resnet9":
-        return equivariant_resnet9(group=group, restrict=restrict, head=head, num_classes=num_classes, **kwargs)
-    if architecture == "wrn16_4":
-        return wide_resnet(16, 4, num_classes=num_classes, **kwargs)
-    raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
+_LAZY = {
+    "build_model": "eqdp_tf.models.build", "with_float32_logits": "eqdp_tf.models.build",
+    "equivariant_resnet9": "eqdp_tf.models.resnet9", "stage_outputs": "eqdp_tf.models.resnet9",
+    "wide_resnet": "eqdp_tf.models.wide_resnet",
+}
 
 
-def with_float32_logits(model):
-    """``model`` with float32 logits: under a mixed precision policy (e.g. mixed_bfloat16) the logits, and so the
-    loss, would otherwise be computed in low precision (the Keras mixed-precision guide casts the output layer).
-    Returns ``model`` itself when its logits already are float32."""
-    if model.output.dtype == tf.float32:
-        return model
-    logits = tf.keras.layers.Activation("linear", dtype="float32", name="logits_fp32")(model.output)
-    return tf.keras.Model(model.inputs, logits, name=model.name)
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'eqdp_tf.models' has no attribute {name!r}")
 
 
-__all__ = ["ARCHITECTURES", "HEADS", "build_model", "equivariant_resnet9", "stage_outputs", "wide_resnet", "with_float32_logits"]
+__all__ = ["ARCHITECTURES", "HEADS", *_LAZY]

@@ -19,8 +19,8 @@ import tensorflow as tf
 
 import layers
 from eqdp_tf.models import preprocessing
+from eqdp_tf.models.names import HEADS
 
-HEADS = ("paper", "invariant")
 PAPER_LAYOUT = (16, 32, 64)
 _WIDTH_CONSTANT = 1.5
 

@@ -14,13 +14,13 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import dp_accounting
 from dp_accounting import rdp
 
 from eqdp_tf.errors import PrivacyError
+from eqdp_tf.io import write_text_atomic
 
 ACCOUNTANT = "RDP"
 DEFAULT_DELTA = 1e-5
@@ -138,16 +138,17 @@ def compute_epsilon(noise_multiplier, sampling_rate, steps, delta, orders=None) 
     return _epsilon_of_events([event], float(delta), orders)
 
 
-def calibrate_noise_multiplier(target_epsilon, sampling_rate, steps, delta, tolerance=0.01) -> float:
+def calibrate_noise_multiplier(target_epsilon, sampling_rate, steps, delta, tolerance=0.01, spent=None) -> float:
     """The smallest σ, to within `tolerance`, whose ε after `steps` steps is at most `target_epsilon`.
 
-    Bisection keeps an interval [lo, hi] with ε(lo) > target >= ε(hi) and returns hi once hi - lo <= tolerance,
-    so the result always meets the target and ε(result - tolerance) > target. With steps = 0 nothing is spent,
-    so 0.0 is returned.
+    With `spent` (a `PrivacyLedger` of steps already taken), ε is that of those steps composed with the `steps`
+    new ones: the σ for the rest of a run whose settings changed. Bisection keeps an interval [lo, hi] with
+    ε(lo) > target >= ε(hi) and returns hi once hi - lo <= tolerance, so the result always meets the target and
+    ε(result - tolerance) > target. With steps = 0 nothing more is spent, so 0.0 is returned.
 
     Raises:
-        PrivacyError: if target_epsilon is not a finite number > 0, tolerance is not > 0, or the target needs
-            σ > MAX_NOISE_MULTIPLIER.
+        PrivacyError: if target_epsilon is not a finite number > 0, tolerance is not > 0, the steps already spent
+            reach the target, or the target needs σ > MAX_NOISE_MULTIPLIER.
     """
     target = _as_real("target_epsilon", target_epsilon)
     if target <= 0:
@@ -157,9 +158,18 @@ def calibrate_noise_multiplier(target_epsilon, sampling_rate, steps, delta, tole
     validate_privacy_params(sampling_rate=sampling_rate, steps=steps, delta=delta)
     if steps == 0:
         return 0.0
+    if spent is not None and spent.segments:
+        already = spent.epsilon(delta)
+        if already >= target:
+            raise PrivacyError(f"the {spent.total_steps} steps already taken spent epsilon {already:.4g}, "
+                               f"not below the target {target_epsilon}")
 
     def epsilon(sigma):
-        return compute_epsilon(sigma, sampling_rate, steps, delta)
+        if spent is None or not spent.segments:
+            return compute_epsilon(sigma, sampling_rate, steps, delta)
+        ledger = PrivacyLedger(spent.segments)
+        ledger.record(sampling_rate, sigma, steps)
+        return ledger.epsilon(delta)
 
     lo, hi = 0.0, 1.0  # ε(0) = inf > target.
     while epsilon(hi) > target:
@@ -378,20 +388,8 @@ class PrivacyReport:
         """
         if os.path.isdir(path):
             path = os.path.join(path, "privacy.json")
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        text = json.dumps(self.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n"
-        fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".privacy-", suffix=".json.tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_path, path)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            raise
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_text_atomic(path, json.dumps(self.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n")
         return path
 
 

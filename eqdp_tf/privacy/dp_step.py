@@ -26,7 +26,9 @@ Nothing here knows about groups or equivariance. Models must not use batch stati
 
 import math
 import numbers
+import secrets
 
+import numpy as np
 import tensorflow as tf
 from tensorflow_privacy import VectorizedDPKerasSGDOptimizer
 from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import clip_gradients_vmap
@@ -83,6 +85,12 @@ class DPKerasSGDOptimizer(VectorizedDPKerasSGDOptimizer):
       therefore raise.
     - Noise is drawn once per logical batch on the sum of clipped gradients (`noised_sum`),
       and the caller divides by `expected_batch_size` (q*N), not by the sampled count.
+    - The noise N(0, (sigma*C)^2) (the stddev of TF-Privacy's `GaussianSumQuery`) is drawn by stateless
+      ops from a seed: `set_noise_seed(seed)` before a step makes its noise a pure function of that seed
+      (`privacy.randomness`: keyed and resumable, as train.py and `fit` use it). A step for which no seed
+      was set gets a fresh one from the OS (`ensure_fresh_noise_seed`, called by `DPStep.compiled_apply`),
+      so two steps never share their noise. The seed variable is deliberately not tracked: a checkpoint
+      must not reveal the noise of a step.
 
     Args:
       l2_norm_clip: C, the maximum L2 norm of one example's gradient; > 0.
@@ -116,6 +124,9 @@ class DPKerasSGDOptimizer(VectorizedDPKerasSGDOptimizer):
         self._expected_batch_size = expected_batch_size
         # GaussianSumQuery's global state is constant (C and sigma*C), so it is made once here.
         self._global_state = self._dp_sum_query.initial_global_state()
+        self._noise_seed = tf.Variable(tf.zeros([2], tf.int64), trainable=False, name="noise_seed")
+        self._seed_pending = False
+        self.keyed_noise_traced = False
 
     @property
     def l2_norm_clip(self):
@@ -129,14 +140,32 @@ class DPKerasSGDOptimizer(VectorizedDPKerasSGDOptimizer):
     def expected_batch_size(self):
         return self._expected_batch_size
 
-    def noised_sum(self, summed_clipped_grads):
-        """Adds one draw of N(0, (sigma*C)^2) to each summed, already clipped gradient.
+    def set_noise_seed(self, seed):
+        """Seeds the noise of the next step: int64 [2] (e.g. `privacy.randomness.StepRandomness.noise_seed`)."""
+        self._noise_seed.assign(np.asarray(seed, np.int64))
+        self._seed_pending = True
 
-        Call once per logical batch. Marks DP gradients as computed, which the stock
-        `apply_gradients` asserts.
+    def ensure_fresh_noise_seed(self):
+        """Before a step: keeps the seed set for it, or draws a fresh one from the OS if none was set."""
+        if not self._seed_pending:
+            self._noise_seed.assign(np.array([secrets.randbits(62), secrets.randbits(62)], np.int64))
+        self._seed_pending = False
+
+    def noised_sum(self, summed_clipped_grads):
+        """Adds one draw of N(0, (sigma*C)^2), seeded by the noise seed, to each summed, clipped gradient.
+
+        Call once per logical batch, then `apply_noised_gradients`.
         """
-        noised, _, _ = self._dp_sum_query.get_noised_result(summed_clipped_grads, self._global_state)
-        self._was_dp_gradients_called = True
+        grads = list(summed_clipped_grads)
+        stddev = self._global_state.stddev
+        seeds = tf.random.experimental.stateless_split(self._noise_seed, num=len(grads))
+        noised = [
+            g + tf.random.stateless_normal(tf.shape(g), seed=seeds[i], stddev=tf.cast(stddev, g.dtype),
+                                           dtype=g.dtype, alg="philox")
+            for i, g in enumerate(grads)
+        ]
+        self._was_dp_gradients_called = True  # the stock apply_gradients asserts it
+        self.keyed_noise_traced = True
         return noised
 
     def replica_share(self, summed_clipped_grads, replica_id):
@@ -156,6 +185,13 @@ class DPKerasSGDOptimizer(VectorizedDPKerasSGDOptimizer):
             return grads
         self._was_dp_gradients_called = True
         return tf.cond(tf.equal(replica_id, 0), lambda: self.noised_sum(grads), lambda: grads)
+
+    def apply_noised_gradients(self, grads_and_vars, **kwargs):
+        """Applies an update made from `noised_sum` (or the replicas' `replica_share`s); the next update needs
+        its own noised sum."""
+        result = self.apply_gradients(grads_and_vars, **kwargs)
+        self._was_dp_gradients_called = False
+        return result
 
     def apply_gradients_without_privacy(self, grads_and_vars, name=None, **kwargs):
         """Plain SGD update that bypasses the DP check: only for `DPStep(dp=False)` baselines."""
@@ -450,6 +486,8 @@ class DPStep:
         to its own copy of the weights, without the optimizer's cross-replica aggregation (which would add the
         replicas' updates up). So every copy gets the same update, with one noise draw, as on one device.
         """
+        if self._dp and tf.executing_eagerly():  # (traced: compiled_apply, or fit's callback, sees to the seed)
+            self._optimizer.ensure_fresh_noise_seed()
         context = tf.distribute.get_replica_context()
         if context is None:
             raise ConfigError("DPStep.apply runs in replica context: call compiled_apply() under a strategy")
@@ -466,9 +504,7 @@ class DPStep:
         grads_and_vars = [(g * scale, v) for g, v in zip(summed, self._model.trainable_variables)]
         options = {} if replicas == 1 else {"experimental_aggregate_gradients": False}
         if self._dp:
-            self._optimizer.apply_gradients(grads_and_vars, **options)
-            # A further apply_gradients must again be preceded by noised_sum.
-            self._optimizer._was_dp_gradients_called = False  # pylint: disable=protected-access
+            self._optimizer.apply_noised_gradients(grads_and_vars, **options)
         else:
             self._optimizer.apply_gradients_without_privacy(grads_and_vars, **options)
         for acc in self._accumulators:
@@ -561,8 +597,16 @@ class DPStep:
         key = bool(jit_compile)
         if key not in self._compiled_apply:
             if not self._distributed:
-                self._compiled_apply[key] = tf.function(self.apply, jit_compile=key, autograph=False)
+                compiled = tf.function(self.apply, jit_compile=key, autograph=False)
             else:
                 strategy = self._strategy
-                self._compiled_apply[key] = tf.function(lambda: strategy.run(self.apply), autograph=False)
+                compiled = tf.function(lambda: strategy.run(self.apply), autograph=False)
+
+            def apply_with_fresh_noise():
+                if self._dp:
+                    self._optimizer.ensure_fresh_noise_seed()
+                return compiled()
+
+            apply_with_fresh_noise.experimental_get_tracing_count = compiled.experimental_get_tracing_count
+            self._compiled_apply[key] = apply_with_fresh_noise
         return self._compiled_apply[key]

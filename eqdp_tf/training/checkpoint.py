@@ -10,7 +10,7 @@ accounts for the lost steps (``checkpoint_journal``).
 
 What a checkpoint holds: the model, the EMA model, the optimizer (with its iteration count and any momentum),
 the step counter and the model's privacy ledger. The step counter is the whole random state: sampling, noise
-and augmentation are pure functions of (key, step) (``checkpoint_rng``; the key is kept out of checkpoints).
+and augmentation are pure functions of (key, step) (``privacy.randomness``; the key is kept out of checkpoints).
 
 ``StopSignals`` turns SIGINT/SIGTERM into a request the training loop honours at the next physical batch:
 it abandons a half-accumulated step (nothing of it was noised or applied), checkpoints the last finished
@@ -18,7 +18,6 @@ step and raises ``Interrupted`` (exit code 130 or 143). A second SIGINT stops at
 """
 
 import glob
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ import threading
 
 import tensorflow as tf
 
-from eqdp_tf.training.checkpoint_journal import fsync_dir
+from eqdp_tf.io import fsync_dir, write_text_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^ckpt-(\d+)\.index$")
@@ -36,21 +35,6 @@ _NAME = re.compile(r"^ckpt-(\d+)\.index$")
 def _fsync_file(path):
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def write_text_atomic(path, text):
-    """Writes ``text`` to ``path`` durably: readers see the old file or the new one, never a mix."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def write_json_atomic(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 class CheckpointStore:

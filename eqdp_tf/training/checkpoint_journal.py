@@ -19,7 +19,7 @@ update died with the process) and is *discarded*: it is not counted, and is take
 this rule a run that is killed and resumed, any number of times, reports the epsilon of an uninterrupted
 run. The one exception is counted conservatively: when a released state is lost (a checkpoint whose write
 was interrupted, or one found unreadable), its steps count as spent *and* are re-taken, with fresh sampling
-and noise (see ``checkpoint_rng``); both takes count, so epsilon then covers more steps than the model has.
+and noise (see ``privacy.randomness``); both takes count, so epsilon then covers more steps than the model has.
 
 Not covered, with or without crashes: the training loss and accuracy in the progress lines, TensorBoard's
 ``train/*`` scalars and metrics.jsonl's ``loss``/``train_accuracy``. They are computed from the private
@@ -31,6 +31,7 @@ import os
 from typing import Any, Dict, List, NamedTuple, Optional
 
 from eqdp_tf.errors import UserError
+from eqdp_tf.io import fsync_dir
 from eqdp_tf.privacy import accounting
 
 JOURNAL_NAME = "privacy_ledger.jsonl"
@@ -242,15 +243,6 @@ class PrivacyJournal:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def fsync_dir(folder):
-    """Makes a folder's entries (a created or renamed file) durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def describe_steps(steps) -> str:

@@ -2,7 +2,7 @@
 
 ``run(cfg)`` is everything ``train.py`` does after parsing flags.
 
-Crash safety (``checkpoint``, ``checkpoint_journal``, ``checkpoint_rng``): rerunning the same command after
+Crash safety (``checkpoint``, ``checkpoint_journal``, ``privacy.randomness``, ``secret_key``): rerunning the same command after
 the process died, however it died, resumes from the last checkpoint; the model ends with the configured
 number of steps and the same epsilon as an uninterrupted run. Every step's privacy is appended to
 ``privacy_ledger.jsonl`` before anything derived from it is written, and the state is only ever written out
@@ -32,10 +32,11 @@ from eqdp_tf.config import TrainConfig, load_saved, one_line
 from eqdp_tf.errors import ConfigError, DataError, PrivacyError, UserError
 from eqdp_tf.privacy import accounting
 from eqdp_tf.privacy.simulation import Simulation
-from eqdp_tf.privacy.dp_step import DPStep
-from eqdp_tf.training import checkpoint_rng, distribution
-from eqdp_tf.training.checkpoint import (CHECKPOINT_DIR, CheckpointStore, Interrupted, StopSignals,
-                                         write_json_atomic)
+from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer, DPStep
+from eqdp_tf.privacy import randomness as randomness_lib
+from eqdp_tf.training import distribution, secret_key
+from eqdp_tf.io import write_json_atomic
+from eqdp_tf.training.checkpoint import CHECKPOINT_DIR, CheckpointStore, Interrupted, StopSignals
 from eqdp_tf.training.checkpoint_journal import JOURNAL_NAME, JournalError, PrivacyJournal, describe_steps
 from eqdp_tf.training.ema import WeightAverage
 from eqdp_tf.training.progress import Progress
@@ -130,30 +131,6 @@ def _calibrate(cfg, compute):
     except PrivacyError as err:
         raise PrivacyError(
             f"--target_epsilon={cfg.target_epsilon} cannot be met in --steps={cfg.steps}: {err}") from None
-
-
-def calibrate_remaining(spent, target_epsilon, sampling_rate, steps, delta, tolerance=0.01):
-    """The smallest sigma (to ``tolerance``) for ``steps`` more steps at rate q such that epsilon of ``spent``
-    (a PrivacyLedger) composed with them is at most ``target_epsilon``."""
-    already = spent.epsilon(delta)
-    if already >= target_epsilon:
-        raise PrivacyError(f"the {spent.total_steps} steps already taken spent epsilon {already:.4g}, "
-                           f"not below the target {target_epsilon}")
-
-    def epsilon(sigma):
-        ledger = accounting.PrivacyLedger(spent.segments)
-        ledger.record(sampling_rate, sigma, steps)
-        return ledger.epsilon(delta)
-
-    lo, hi = 0.0, 1.0
-    while epsilon(hi) > target_epsilon:
-        if hi >= accounting.MAX_NOISE_MULTIPLIER:
-            raise PrivacyError(f"even noise_multiplier={hi:g} for the remaining {steps} steps exceeds the target")
-        lo, hi = hi, min(2 * hi, accounting.MAX_NOISE_MULTIPLIER)
-    while hi - lo > tolerance:
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if epsilon(mid) > target_epsilon else (lo, mid)
-    return hi
 
 
 def largest_logical_batch(cfg, num_examples):
@@ -308,12 +285,12 @@ class _Training:
             return resolve_noise(cfg, q)
         simulation = self.simulation
         if simulation is None:
-            return _calibrate(cfg, lambda: calibrate_remaining(
-                spent, cfg.target_epsilon, q, max(cfg.steps - plan.start, 1), cfg.delta))
+            return _calibrate(cfg, lambda: accounting.calibrate_noise_multiplier(
+                cfg.target_epsilon, q, max(cfg.steps - plan.start, 1), cfg.delta, spent=spent))
         # The target is the simulated run's: calibrate in its terms, then scale down to this batch.
-        return simulation.real_noise_multiplier(_calibrate(cfg, lambda: calibrate_remaining(
-            simulation.simulated_ledger(spent), cfg.target_epsilon, q * simulation.ratio,
-            max(cfg.steps - plan.start, 1), cfg.delta)))
+        return simulation.real_noise_multiplier(_calibrate(cfg, lambda: accounting.calibrate_noise_multiplier(
+            cfg.target_epsilon, q * simulation.ratio, max(cfg.steps - plan.start, 1), cfg.delta,
+            spent=simulation.simulated_ledger(spent))))
 
     def _check_dataset_size(self, num_examples):
         last = self.journal.last_start()
@@ -357,7 +334,7 @@ class _Training:
                 noise_multiplier=sigma, sampling_rate=q, steps=cfg.steps, delta=cfg.delta,
                 l2_norm_clip=cfg.l2_norm_clip, dataset_size=num_examples,
             )
-        key = checkpoint_rng.load_or_create_key(cfg.output_dir, cfg.dp_seed)
+        key = secret_key.load_or_create_key(cfg.output_dir, cfg.dp_seed)
         return {"start": start, "restore": self.prefix is not None, "sigma": sigma, "key": f"{key:064x}",
                 "salts": sorted(plan.salts.items()), "config": cfg.to_json(), "fingerprint": fingerprint}
 
@@ -453,14 +430,14 @@ class _Training:
                                  "comparing the workers' flags and data")
         start, sigma = shared["start"], shared["sigma"]
         q = cfg.batch_size / num_examples
-        randomness = checkpoint_rng.StepRandomness(int(shared["key"], 16), {int(t): a for t, a in shared["salts"]})
-        sampler = checkpoint_rng.SaltedSampler(lambda seed: _make_sampler(cfg, num_examples, seed), randomness)
+        randomness = randomness_lib.StepRandomness(int(shared["key"], 16), {int(t): a for t, a in shared["salts"]})
+        sampler = randomness_lib.SaltedSampler(lambda seed: _make_sampler(cfg, num_examples, seed), randomness)
 
         jit = resolve_jit(cfg.jit_compile)
         with dist.scope():  # the weights, the optimizer's variables and the gradient sums live on every replica
             model = build_model(cfg)
             ema_model = build_model(cfg)
-            optimizer = checkpoint_rng.KeyedNoiseDPOptimizer(
+            optimizer = DPKerasSGDOptimizer(
                 l2_norm_clip=cfg.l2_norm_clip, noise_multiplier=sigma,
                 expected_batch_size=sampler.expected_batch_size, learning_rate=cfg.learning_rate,
                 momentum=cfg.momentum,
@@ -663,7 +640,7 @@ class _Training:
                 apply_update()
                 if cfg.dp and 0 in dist.replica_ids and not optimizer.keyed_noise_traced:  # replica 0 adds the noise
                     raise RuntimeError("DPStep.apply no longer draws its noise through optimizer.noised_sum; "
-                                       "the keyed (resumable) noise of checkpoint_rng is bypassed")
+                                       "the keyed (resumable) noise of privacy.randomness is bypassed")
                 ema.update(step)
                 step = number
                 step_loss = 0.0
@@ -788,5 +765,5 @@ class _Training:
                   "they are taken again with fresh sampling and noise, and both takes count toward epsilon")
 
 
-__all__ = ["Interrupted", "TrainingError", "build_model", "calibrate_remaining", "evaluate", "load_data",
+__all__ = ["Interrupted", "TrainingError", "build_model", "evaluate", "load_data",
            "prepare_output_dir", "resolve_jit", "resolve_noise", "run"]

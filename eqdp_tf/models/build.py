@@ -1,0 +1,26 @@
+"""Building the models by name (imports TensorFlow)."""
+
+import tensorflow as tf
+
+from eqdp_tf.models.names import ARCHITECTURES
+from eqdp_tf.models.resnet9 import equivariant_resnet9
+from eqdp_tf.models.wide_resnet import wide_resnet
+
+
+def build_model(architecture="eq_resnet9", group="D4", restrict="D2", head="paper", num_classes=10, **kwargs):
+    """Builds a model by name; ``group``/``restrict``/``head`` apply to the (equivariant) ResNet-9."""
+    if architecture == "eq_resnet9":
+        return equivariant_resnet9(group=group, restrict=restrict, head=head, num_classes=num_classes, **kwargs)
+    if architecture == "wrn16_4":
+        return wide_resnet(16, 4, num_classes=num_classes, **kwargs)
+    raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
+
+
+def with_float32_logits(model):
+    """``model`` with float32 logits: under a mixed precision policy (e.g. mixed_bfloat16) the logits, and so the
+    loss, would otherwise be computed in low precision (the Keras mixed-precision guide casts the output layer).
+    Returns ``model`` itself when its logits already are float32."""
+    if model.output.dtype == tf.float32:
+        return model
+    logits = tf.keras.layers.Activation("linear", dtype="float32", name="logits_fp32")(model.output)
+    return tf.keras.Model(model.inputs, logits, name=model.name)

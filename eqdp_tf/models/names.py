@@ -1,0 +1,5 @@
+"""The models' names as plain data (no TensorFlow): what ``config`` validates flags against."""
+
+ARCHITECTURES = ("eq_resnet9", "wrn16_4")
+# 'paper': 2x2 average pool + linear (as the official code); 'invariant': global average pool + linear.
+HEADS = ("paper", "invariant")
