@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, logging  # noqa: E402
 
 from eqdp_tf import config  # noqa: E402
-from eqdp_tf.errors import UserError  # noqa: E402
+from eqdp_tf.errors import UserError, one_line  # noqa: E402
 
 config.define_flags()
 
@@ -41,7 +41,7 @@ def main(argv):
             print(f"interrupted: {err}", file=sys.stderr)
             return err.exit_code
     except UserError as err:
-        print(f"error: {config.one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: stopped at once (second Ctrl-C); the last checkpoint is kept; rerun the same command "

@@ -27,6 +27,7 @@ sys.path.insert(0, REPO_ROOT)
 import tensorflow as tf  # noqa: E402
 
 from eqdp_tf.models import build_model  # noqa: E402
+from eqdp_tf.models.names import restricted_group  # noqa: E402
 from eqdp_tf.privacy import per_example  # noqa: E402
 from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer, DPStep  # noqa: E402
 
@@ -55,7 +56,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=7)
     args = parser.parse_args(argv)
     tf.keras.utils.set_random_seed(0)
-    restrict = None if args.restrict.lower() == "none" else args.restrict
+    restrict = restricted_group(args.restrict)
     model = build_model("eq_resnet9", group=args.group, restrict=restrict, head="paper")
     batch = args.batch
     views = tf.cast(tf.random.uniform([batch, 1, 32, 32, 3], 0, 256, dtype=tf.int32), tf.uint8)

@@ -271,7 +271,9 @@ def _parameter_count(config, cache={}):
         sys.path.insert(0, REPO_ROOT)
         from eqdp_tf import models
 
-        restrict = None if str(config["restrict"]).lower() == "none" else config["restrict"]
+        from eqdp_tf.models.names import restricted_group
+
+        restrict = restricted_group(config["restrict"])
         cache[key] = models.build_model(config["architecture"], group=config["group"], restrict=restrict,
                                         head=config["head"]).count_params()
     return cache[key]

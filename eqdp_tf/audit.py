@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import numpy as np
 from scipy import stats
 
-from eqdp_tf.errors import ConfigError
+from eqdp_tf.errors import ConfigError, one_line
 
 GUESS_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 MAX_EPSILON = 100.0
@@ -295,9 +295,9 @@ def main(argv):
                     json.dump(result.to_json(), out, indent=2)
                     out.write("\n")
             except OSError as err:
-                raise ConfigError(f"cannot write --audit_json {f.audit_json}: {err.strerror or err}") from None
+                raise ConfigError(f"cannot write --audit_json {f.audit_json}: {one_line(err)}") from None
     except (UserError, ValueError) as err:
-        print(f"error: {config.one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(result.summary())
     if cfg.simulated_batch_size is not None:

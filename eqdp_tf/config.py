@@ -14,13 +14,14 @@ from typing import Optional
 from absl import flags
 
 from layers import groups as groups_lib
-from eqdp_tf.errors import ConfigError
+from eqdp_tf.errors import ConfigError, one_line
 from eqdp_tf.models import ARCHITECTURES, HEADS
+from eqdp_tf.models.names import restricted_group
 
 SAMPLINGS = ("poisson", "shuffle")
 VIEW_REDUCTIONS = ("sum", "mean")
 JIT_CHOICES = ("auto", "true", "false")
-# As eqdp_tf.training.distribution.DISTRIBUTIONS (not imported here: that module imports TensorFlow).
+# none: one device; mirrored: every GPU of this host; multi_worker: every GPU of every host in TF_CONFIG.
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
 
 
@@ -124,7 +125,7 @@ class TrainConfig:
                 raise ConfigError(f"--simulated_batch_size {self.simulated_batch_size} is smaller than --batch_size "
                                   f"{self.batch_size}: a TAN simulation runs a smaller batch than the run it stands "
                                   "for")
-        if self.architecture == "wrn16_4" and (self.group.upper() != "C1" or self.restrict.lower() != "none"):
+        if self.architecture == "wrn16_4" and (self.group.upper() != "C1" or self.restricted_group is not None):
             raise ConfigError("--architecture=wrn16_4 is not equivariant: use it with --group=C1 --restrict=none")
         if not self.dp:
             return
@@ -162,7 +163,7 @@ class TrainConfig:
 
     @property
     def restricted_group(self):
-        return None if self.restrict.lower() == "none" else self.restrict
+        return restricted_group(self.restrict)
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -290,13 +291,6 @@ def config_from_flags(values=None):
 def load_saved(path):
     with open(path) as f:
         return json.load(f)
-
-
-def one_line(message):
-    """A user-facing error as one line, without TensorFlow's '{{function_node ...}}' and '[Op:...]' clutter."""
-    message = re.sub(r"\{\{[^}]*\}\}\s*", "", str(message))
-    message = re.sub(r"\s*\[Op:[^\]]*\]", "", message)
-    return " ".join(message.split())
 
 
 def _flag_error_message(err):

@@ -17,7 +17,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from eqdp_tf.errors import ConfigError, DataError
+from eqdp_tf.errors import ConfigError, DataError, one_line
 
 # Per-channel statistics of the 50000 training images, pixels scaled to [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -97,7 +97,7 @@ def _check_download_possible():
     try:
         socket.create_connection((host, port), timeout=_PROBE_SECONDS).close()
     except OSError as err:
-        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        reason = one_line(err) or type(err).__name__
         raise MissingDataError(
             f"cannot download CIFAR-10 through TFDS: no connection to {host}:{port} ({reason}). Pass --data_dir "
             f"with a local copy ({_BIN_DIR} or {_PY_DIR}), or prepare TFDS's copy once on a machine online "
@@ -163,7 +163,7 @@ def _read_bin_file(path):
             )
         records = np.fromfile(path, dtype=np.uint8)
     except OSError as err:
-        raise DataError(f"cannot read {path}: {err.strerror or err}.") from None
+        raise DataError(f"cannot read {path}: {one_line(err)}.") from None
     if records.size != size:
         raise DataError(f"{path} changed or was cut short while being read ({records.size} of {size} bytes).")
     records = records.reshape(-1, _RECORD_BYTES)

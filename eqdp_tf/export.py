@@ -15,7 +15,7 @@ import tempfile
 import tensorflow as tf
 
 import layers
-from eqdp_tf.errors import UserError
+from eqdp_tf.errors import UserError, one_line
 
 
 class ExportError(UserError):
@@ -67,7 +67,7 @@ def export_saved_model(model, export_dir, version=None, extra_files=None):
         os.makedirs(export_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
     except OSError as err:
-        raise ExportError(f"cannot write the export folder {export_dir}: {err.strerror or err}") from None
+        raise ExportError(f"cannot write the export folder {export_dir}: {one_line(err)}") from None
     try:
         servable = _Servable(frozen, tuple(model.input_shape[1:]))
         tf.saved_model.save(servable, staging, signatures={"serving_default": servable.serve})
@@ -79,6 +79,6 @@ def export_saved_model(model, export_dir, version=None, extra_files=None):
         os.rename(staging, final)
     except (OSError, tf.errors.OpError) as err:
         shutil.rmtree(staging, ignore_errors=True)
-        message = getattr(err, "strerror", None) or getattr(err, "message", None) or str(err)
+        message = one_line(err)
         raise ExportError(f"exporting the SavedModel to {final} failed: {message}") from None
     return final

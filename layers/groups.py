@@ -73,10 +73,6 @@ class Group:
     def compose(self, a, b):
         return int(self.table[a, b])
 
-    def angle(self, e):
-        """Rotation angle of element ``e`` in degrees, in [0, 360)."""
-        return 360.0 * self.elements[e][1] / self.rotations
-
     def regular_permutation(self, e):
         """Index array ``perm`` with ``(e.f)[g] = f[perm[g]] = f[e^-1 g]`` on the orientation axis."""
         return self.table[self.inverse[e]].copy()

@@ -184,8 +184,11 @@ def test_tfds_failure_names_both_options(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("no route to host")
 
-    # A stand-in module: the real TFDS would try the network, which tests must not depend on.
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", types.SimpleNamespace(load=offline))
+    # A stand-in module: the real TFDS would try the network, which tests must not depend on. The connection
+    # probe passes (the network seems up), and then the download itself fails.
+    builder = types.SimpleNamespace(is_prepared=lambda: False, download_and_prepare=offline)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", types.SimpleNamespace(builder=lambda name: builder))
+    monkeypatch.setattr(data, "_check_download_possible", lambda: None)
     with pytest.raises(DataError) as info:
         data.load_cifar10("train")
     message = str(info.value)

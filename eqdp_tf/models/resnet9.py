@@ -19,7 +19,7 @@ import tensorflow as tf
 
 import layers
 from eqdp_tf.models import preprocessing
-from eqdp_tf.models.names import HEADS
+from eqdp_tf.models.names import HEADS, restricted_group
 
 PAPER_LAYOUT = (16, 32, 64)
 _WIDTH_CONSTANT = 1.5
@@ -77,7 +77,7 @@ def equivariant_resnet9(
     exactly invariant for an exact group without restriction).
     """
     g = layers.get_group(group)
-    h = g if restrict in (None, "none", "None", "") else layers.get_group(restrict)
+    h = g if restricted_group(restrict) is None else layers.get_group(restrict)
     g.subgroup_embedding(h)  # raises ValueError when h is not a subgroup of g
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")

@@ -23,7 +23,6 @@ from eqdp_tf.errors import PrivacyError
 from eqdp_tf.io import write_text_atomic
 
 ACCOUNTANT = "RDP"
-DEFAULT_DELTA = 1e-5
 SAMPLING_METHODS = ("poisson", "shuffle")
 # Calibration gives up beyond this noise multiplier: no practical run uses more.
 MAX_NOISE_MULTIPLIER = 1e4

@@ -69,12 +69,6 @@ def _conv_geometry(layer):
     return int(k), int(s), layer.padding.upper()
 
 
-def _per_example_sum(rows_grad, batch, num_views):
-    """[B*K, ...] -> [B, ...] summing each example's K views."""
-    shape = tf.shape(rows_grad)
-    return tf.reduce_sum(tf.reshape(rows_grad, tf.concat([[batch, num_views], shape[1:]], 0)), axis=1)
-
-
 def _linear_vjp(build_fn, variable, cotangents):
     """Per-example transpose of the linear map variable -> build_fn(): [B, *out] -> [B, *variable.shape]."""
 

@@ -26,6 +26,7 @@ import threading
 
 import tensorflow as tf
 
+from eqdp_tf.errors import one_line
 from eqdp_tf.io import fsync_dir, write_text_atomic
 
 CHECKPOINT_DIR = "checkpoints"
@@ -78,7 +79,7 @@ class CheckpointStore:
                 for path in glob.glob(glob.escape(prefix) + ".*"):
                     os.replace(path, path + ".unreadable")
                 if on_skip is not None:
-                    on_skip(prefix, _message(err))
+                    on_skip(prefix, one_line(err))
                 continue
             return step, prefix
         return 0, None
@@ -115,12 +116,6 @@ class CheckpointStore:
             shutil.rmtree(path, ignore_errors=True)
         for path in glob.glob(os.path.join(glob.escape(self.directory), "*.tempstate*")):
             os.remove(path)
-
-
-def _message(err):
-    text = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
-    text = re.sub(r"\{\{[^}]*\}\}\s*", "", str(text))
-    return " ".join(text.split())
 
 
 class Interrupted(Exception):

@@ -30,7 +30,7 @@ import json
 import os
 from typing import Any, Dict, List, NamedTuple, Optional
 
-from eqdp_tf.errors import UserError
+from eqdp_tf.errors import UserError, one_line
 from eqdp_tf.io import fsync_dir
 from eqdp_tf.privacy import accounting
 
@@ -93,7 +93,7 @@ class PrivacyJournal:
             with open(self.path, "rb") as f:
                 data = f.read()
         except OSError as err:
-            raise JournalError(f"cannot read the privacy journal {self.path}: {err.strerror or err}") from None
+            raise JournalError(f"cannot read the privacy journal {self.path}: {one_line(err)}") from None
         lines = data.split(b"\n")
         # A final piece without a newline is an append cut short by a crash: its release never began, so dropping
         # it is safe (records are fsynced before the output they announce).
@@ -209,7 +209,7 @@ class PrivacyJournal:
             if new_file:
                 fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         except OSError as err:
-            raise JournalError(f"cannot write the privacy journal {self.path}: {err.strerror or err}") from None
+            raise JournalError(f"cannot write the privacy journal {self.path}: {one_line(err)}") from None
         self._append({"event": "start", "step": int(start), **settings}, durable=True)
         return self.attempt
 
@@ -235,7 +235,7 @@ class PrivacyJournal:
             if durable:
                 os.fsync(self._file.fileno())
         except OSError as err:
-            raise JournalError(f"cannot write the privacy journal {self.path} ({err.strerror or err}); "
+            raise JournalError(f"cannot write the privacy journal {self.path} ({one_line(err)}); "
                                "stopped before writing anything that it would not cover") from None
         self.records.append(record)
 

@@ -26,9 +26,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from eqdp_tf.config import DISTRIBUTIONS
 from eqdp_tf.errors import ConfigError, UserError
 
-DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
 _TASK_TYPES = ("chief", "worker")
 
 

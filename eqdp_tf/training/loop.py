@@ -28,8 +28,8 @@ import tensorflow as tf
 from eqdp_tf import data as data_lib
 from eqdp_tf import export as export_lib
 from eqdp_tf import models
-from eqdp_tf.config import TrainConfig, load_saved, one_line
-from eqdp_tf.errors import ConfigError, DataError, PrivacyError, UserError
+from eqdp_tf.config import TrainConfig, load_saved
+from eqdp_tf.errors import ConfigError, DataError, PrivacyError, UserError, one_line
 from eqdp_tf.privacy import accounting
 from eqdp_tf.privacy.simulation import Simulation
 from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer, DPStep
@@ -71,7 +71,7 @@ def prepare_output_dir(cfg):
             pass
         os.remove(probe)
     except OSError as err:
-        raise ConfigError(f"cannot write to --output_dir {cfg.output_dir}: {err.strerror or err}") from None
+        raise ConfigError(f"cannot write to --output_dir {cfg.output_dir}: {one_line(err)}") from None
     config_path = os.path.join(cfg.output_dir, "config.json")
     changes = {}
     if os.path.exists(config_path):
@@ -514,7 +514,7 @@ class _Training:
             try:
                 write_json_atomic(os.path.join(out, "privacy.json"), privacy)
             except OSError as err:
-                raise TrainingError(f"cannot write privacy.json: {err.strerror or err}") from None
+                raise TrainingError(f"cannot write privacy.json: {one_line(err)}") from None
             return privacy
 
         def write_checkpoint(step):
@@ -529,7 +529,7 @@ class _Training:
             try:
                 path = store.save(step)
             except (OSError, tf.errors.OpError) as err:
-                message = getattr(err, "strerror", None) or getattr(err, "message", None) or str(err)
+                message = one_line(err)
                 raise TrainingError(f"writing the checkpoint of step {step} failed ({message}); the checkpoint of "
                                     f"step {state['saved']} is kept") from None
             write_privacy(step)
@@ -561,7 +561,7 @@ class _Training:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as err:
-                raise TrainingError(f"cannot write {metrics_path}: {err.strerror or err}") from None
+                raise TrainingError(f"cannot write {metrics_path}: {one_line(err)}") from None
             with writer.as_default(step=step):
                 tf.summary.scalar("test/accuracy", test_acc)
                 tf.summary.scalar("test/loss", test_loss)
