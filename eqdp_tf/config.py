@@ -14,6 +14,7 @@ from typing import Optional
 from absl import flags
 
 from layers import groups as groups_lib
+from eqdp_tf.checks import finite_number, whole_number
 from eqdp_tf.errors import ConfigError, one_line
 from eqdp_tf.models import ARCHITECTURES, HEADS
 from eqdp_tf.models.names import restricted_group
@@ -85,10 +86,10 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {value!r}")
 
         def positive(name, integer=True):
-            value = getattr(self, name)
-            kind = int if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-                raise ConfigError(f"--{name} must be a positive {'integer' if integer else 'number'}; got {value!r}")
+            if integer:
+                whole_number(f"--{name}", getattr(self, name), at_least=1)
+            else:
+                finite_number(f"--{name}", getattr(self, name), above=0)
 
         for field in dataclasses.fields(self):  # NaN passes every comparison below, and inf most of them
             value = getattr(self, field.name)

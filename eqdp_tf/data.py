@@ -17,6 +17,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from eqdp_tf.checks import whole_number
 from eqdp_tf.errors import ConfigError, DataError, one_line
 
 # Per-channel statistics of the 50000 training images, pixels scaled to [0, 1].
@@ -232,9 +233,7 @@ class PhysicalBatch(NamedTuple):
 
 
 def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
+    return whole_number(name, value, at_least=minimum)
 
 
 class _Sampler:

@@ -38,6 +38,7 @@ import tensorflow as tf
 
 import layers as eq_layers
 from eqdp_tf import data as data_lib
+from eqdp_tf.checks import finite_number, whole_number
 from eqdp_tf.errors import ConfigError, PrivacyError
 from eqdp_tf.privacy import accounting, fast_clipping
 from eqdp_tf.privacy.dp_step import VIEW_REDUCTIONS, DPStep
@@ -67,15 +68,11 @@ class PrivacySettings:
 
     def __post_init__(self):
         for name in ("l2_norm_clip", "delta", "noise_multiplier", "target_epsilon", "epochs", "max_epsilon"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
-                raise ConfigError(f"{name} must be a finite number; got {value!r}")
+            if getattr(self, name) is not None:
+                finite_number(name, getattr(self, name))
         for name in ("dataset_size", "batch_size", "steps"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                                      or value <= 0):
-                raise ConfigError(f"{name} must be a positive integer; got {value!r}")
+            if getattr(self, name) is not None:
+                whole_number(name, getattr(self, name), at_least=1)
         if self.l2_norm_clip <= 0:
             raise ConfigError(f"l2_norm_clip must be > 0; got {self.l2_norm_clip}")
         if not 0 < self.delta < 1:

@@ -250,7 +250,7 @@ def test_ledger_record_validates():
     ledger = PrivacyLedger()
     with pytest.raises(PrivacyError, match=r"noise_multiplier must be >= 0, got -1"):
         ledger.record(Q, -1.0)
-    with pytest.raises(PrivacyError, match=r"steps must be a whole number, got 1.5"):
+    with pytest.raises(PrivacyError, match=r"steps must be a whole number >= 0; got 1.5"):
         ledger.record(Q, 1.0, steps=1.5)
     assert ledger.segments == []
 
@@ -263,17 +263,17 @@ def test_ledger_record_validates():
     "kwargs, match",
     [
         ({"noise_multiplier": -0.1}, r"noise_multiplier must be >= 0, got -0.1\."),
-        ({"noise_multiplier": float("nan")}, r"noise_multiplier must be finite"),
+        ({"noise_multiplier": float("nan")}, r"noise_multiplier must be a finite number; got nan"),
         ({"sampling_rate": 0.0}, r"sampling_rate must be in \(0, 1\], got 0.0\."),
         ({"sampling_rate": 1.5}, r"sampling_rate must be in \(0, 1\], got 1.5\."),
-        ({"steps": -1}, r"steps must be >= 0, got -1\."),
+        ({"steps": -1}, r"steps must be a whole number >= 0; got -1$"),
         ({"steps": 2.5}, r"steps must be a whole number"),
         ({"delta": 0.0}, r"delta must be in \(0, 1\), got 0.0\."),
         ({"delta": 1.0}, r"delta must be in \(0, 1\), got 1.0\."),
         ({"l2_norm_clip": 0.0}, r"l2_norm_clip must be > 0, got 0.0\."),
         ({"l2_norm_clip": -1.0}, r"l2_norm_clip must be > 0, got -1.0\."),
         ({"dataset_size": 0}, r"dataset_size must be >= 1, got 0\."),
-        ({"noise_multiplier": "1.0"}, r"noise_multiplier must be a real number"),
+        ({"noise_multiplier": "1.0"}, r"noise_multiplier must be a finite number; got '1.0'"),
     ],
 )
 def test_validation_errors(kwargs, match):

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence
 import dp_accounting
 from dp_accounting import rdp
 
+from eqdp_tf.checks import finite_number, whole_number
 from eqdp_tf.errors import PrivacyError
 from eqdp_tf.io import write_text_atomic
 
@@ -34,22 +35,12 @@ MAX_NOISE_MULTIPLIER = 1e4
 
 def _as_real(name: str, value: Any) -> float:
     """Returns `value` as a finite float, or raises PrivacyError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise PrivacyError(f"{name} must be a real number, got {value!r}.")
-    value = float(value)
-    if not math.isfinite(value):
-        raise PrivacyError(f"{name} must be finite, got {value}.")
-    return value
+    return finite_number(name, value, error=PrivacyError)
 
 
 def _as_count(name: str, value: Any) -> int:
     """Returns `value` as an int >= 0, or raises PrivacyError naming the argument."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-            or value != int(value)):
-        raise PrivacyError(f"{name} must be a whole number, got {value!r}.")
-    if value < 0:
-        raise PrivacyError(f"{name} must be >= 0, got {value}.")
-    return int(value)
+    return whole_number(name, value, error=PrivacyError)
 
 
 def validate_privacy_params(

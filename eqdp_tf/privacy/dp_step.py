@@ -24,8 +24,6 @@ Nothing here knows about groups or equivariance. Models must not use batch stati
 (BatchNorm): `model(x, training=True)` is assumed to treat examples independently.
 """
 
-import math
-import numbers
 import secrets
 
 import numpy as np
@@ -33,6 +31,7 @@ import tensorflow as tf
 from tensorflow_privacy import VectorizedDPKerasSGDOptimizer
 from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import clip_gradients_vmap
 
+from eqdp_tf.checks import finite_number
 from eqdp_tf.errors import ConfigError
 from eqdp_tf.privacy import per_example
 
@@ -43,12 +42,7 @@ _BASE_SGD = tf.keras.optimizers.legacy.SGD
 
 def _check_number(name, value, *, minimum, strict):
     """Returns `value` as a float after checking it is a finite number above `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        relation = ">" if strict else ">="
-        raise ConfigError(f"{name} must be {relation} {minimum}, got {value!r}")
-    return float(value)
+    return finite_number(name, value, **({"above": minimum} if strict else {"at_least": minimum}))
 
 
 def _check_view_reduction(view_reduction):
