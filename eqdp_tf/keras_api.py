@@ -33,7 +33,6 @@ import secrets
 import warnings
 from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
 import layers as eq_layers
