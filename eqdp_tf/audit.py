@@ -175,6 +175,7 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
     from eqdp_tf.privacy import accounting
     from eqdp_tf.privacy.dp_step import DPStep, clip_per_example
     from eqdp_tf.training import loop
+    from eqdp_tf.training import plan as plan_lib
     from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer
 
     if not cfg.dp:
@@ -187,9 +188,9 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
     rng = np.random.default_rng([seed, 0xA0D1])
     train_images, train_labels, _, _ = loop.load_data(cfg)
     num_examples = len(train_labels)
-    sampler = loop._make_sampler(cfg, num_examples, seed=int(rng.integers(2**62)))
+    sampler = plan_lib.make_sampler(cfg, num_examples, seed=int(rng.integers(2**62)))
     q = cfg.batch_size / num_examples
-    sigma = loop.resolve_noise(cfg, q)
+    sigma = plan_lib.resolve_noise(cfg, q)
     accountant_epsilon = accounting.compute_epsilon(sigma, q, cfg.steps, cfg.delta)
 
     model = model_fn() if model_fn is not None else loop.build_model(cfg)

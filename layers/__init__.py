@@ -9,7 +9,7 @@ from layers.groups import Group, cyclic_group, dihedral_group, get as get_group
 # The Keras layers import TensorFlow; they are loaded on first use, so that the groups (numpy only) can be used,
 # e.g. to validate flags, without starting TensorFlow.
 _LAZY = {
-    "GroupConv2D": "layers.conv", "LiftingConv2D": "layers.conv", "freeze": "layers.freeze",
+    "GroupConv2D": "layers.conv", "LiftingConv2D": "layers.conv", "freeze": "layers.freezing",
     "GroupNormalization": "layers.normalization", "closest_divisor": "layers.normalization",
     "GroupPooling": "layers.pooling", "SpatialPooling2D": "layers.pooling",
     "RestrictToSubgroup": "layers.restriction",

@@ -19,6 +19,7 @@ from eqdp_tf import models
 from eqdp_tf.config import TrainConfig
 from eqdp_tf.privacy import accounting
 from eqdp_tf.training import loop
+from eqdp_tf.training.checkpoint import CheckpointStore
 
 pytestmark = pytest.mark.skipif(
     not os.path.isfile(os.path.join(CIFAR10_DIR, "data_batch_1.bin")), reason=f"no CIFAR-10 copy at {CIFAR10_DIR}"
@@ -404,6 +405,6 @@ def test_out_of_memory_in_a_step_is_one_line_after_a_checkpoint(tmp_path, monkey
     assert "with --physical_batch_size 16: lower it" in message
     assert f"the checkpoint of step {done} is kept" in message
     # The steps taken before are checkpointed (not lost), and the journal covers exactly them.
-    assert loop.CheckpointStore(None, str(out / "checkpoints")).steps() == [done]
+    assert CheckpointStore(None, str(out / "checkpoints")).steps() == [done]
     with open(out / "privacy.json") as f:
         assert json.load(f)["steps_spent"] == done

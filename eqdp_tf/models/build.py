@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from eqdp_tf.models.names import ARCHITECTURES
 from eqdp_tf.models.resnet9 import equivariant_resnet9
-from eqdp_tf.models.wide_resnet import wide_resnet
+from eqdp_tf.models.wrn import wide_resnet
 
 
 def build_model(architecture="eq_resnet9", group="D4", restrict="D2", head="paper", num_classes=10, **kwargs):
