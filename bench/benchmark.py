@@ -81,7 +81,9 @@ PRECISIONS = ("fp32", "bf16")
 BF16_MODES = ("nonprivate", "dp")
 XLA_CHOICES = ("off", "on")
 DEFAULT_BATCHES = (32, 64, 128, 256, 512)
-CIFAR_DIR = "/work/shared/data/cifar10/cifar-10-batches-bin"
+# The local CIFAR-10 copy beside the checkout (as the tests use it), for the input-pipeline measurement.
+CIFAR_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data",
+                         "cifar10", "cifar-10-batches-bin")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Targets of issue 7: reported, never asserted.

@@ -412,13 +412,17 @@ def report_first_study():
         "![accuracy vs epsilon](accuracy_vs_epsilon.png)",
         "",
     ])
-    os.makedirs(STUDY_DIR, exist_ok=True)
-    with open(os.path.join(STUDY_DIR, "RESULTS.md"), "w") as f:
-        f.write(text)
+    _write_results(STUDY_DIR, text)
     _update_readme(table)
     paths = _plot(rows)
     print(table)
     print("wrote", os.path.join(STUDY_DIR, "RESULTS.md"), *paths)
+
+
+def _write_results(folder, text):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "RESULTS.md"), "w") as f:
+        f.write(text)
 
 
 def _update_readme(table, markers=README_MARKERS):
@@ -615,9 +619,7 @@ def report_paper_regime(records):
         "![accuracy vs simulated epsilon](accuracy_vs_epsilon.png)",
         "",
     ])
-    os.makedirs(TAN_DIR, exist_ok=True)
-    with open(os.path.join(TAN_DIR, "RESULTS.md"), "w") as f:
-        f.write(text)
+    _write_results(TAN_DIR, text)
     _update_readme(table, TAN_TABLE_MARKERS)
     _update_readme(findings, TAN_FINDINGS_MARKERS)
     paths = _plot_tan(rows)

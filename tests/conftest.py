@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Keep TensorFlow's C++ start-up chatter out of test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -9,6 +11,23 @@ CIFAR10_DIR = os.environ.get(
     "EQDP_CIFAR10_DIR",
     os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "cifar10", "cifar-10-batches-bin"),
 )
+HAVE_CIFAR10 = os.path.isfile(os.path.join(CIFAR10_DIR, "data_batch_1.bin"))
+# Tests that read CIFAR-10 skip without the copy on a developer's machine; in CI (CI=true) its absence is an error,
+# so that CI never passes by testing less.
+needs_cifar10 = pytest.mark.skipif(not HAVE_CIFAR10, reason=f"no CIFAR-10 copy at {CIFAR10_DIR}")
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") and not HAVE_CIFAR10:
+        raise pytest.UsageError(f"CI=true but the CIFAR-10 copy the data tests need is missing at {CIFAR10_DIR} "
+                                "(set EQDP_CIFAR10_DIR): refusing to skip them")
+
+
+def subprocess_env(**extra):
+    """The environment for running train.py and friends in a subprocess: quiet TensorFlow, this checkout's code."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONDONTWRITEBYTECODE="1", **extra)
+    env.pop("PYTHONPATH", None)
+    return env
 
 
 def snapshot(folder):

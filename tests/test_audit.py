@@ -9,13 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CIFAR10_DIR
+from conftest import CIFAR10_DIR, needs_cifar10, subprocess_env
 from eqdp_tf import audit
 from eqdp_tf.config import TrainConfig
 from eqdp_tf.privacy import accounting
 
-needs_data = pytest.mark.skipif(not os.path.isfile(os.path.join(CIFAR10_DIR, "data_batch_1.bin")),
-                                reason=f"no CIFAR-10 copy at {CIFAR10_DIR}")
+needs_data = needs_cifar10
 
 # 20 steps at q = 1/8 with sigma = 1.5: accountant epsilon 2.43 at delta 1e-5.
 AUDITED = dict(data_dir=CIFAR10_DIR, train_subset=512, test_subset=64, steps=20, batch_size=64,
@@ -94,7 +93,7 @@ def test_run_without_noise_and_clipping_is_flagged_as_leaking():
 @needs_data
 def test_audit_command(tmp_path):
     report = tmp_path / "audit.json"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONDONTWRITEBYTECODE="1")
+    env = subprocess_env()
     proc = subprocess.run(
         [sys.executable, "-m", "eqdp_tf.audit", *FLAGS, "--audit_model=small", "--audit_canaries=2000",
          "--audit_break", f"--audit_json={report}", f"--output_dir={tmp_path / 'unused'}"],

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CIFAR10_DIR
+from conftest import CIFAR10_DIR, HAVE_CIFAR10
 from eqdp_tf import data
 from eqdp_tf.errors import ConfigError, DataError
 
@@ -17,7 +17,7 @@ RECORD = 3073
 
 
 def _needs_real_data():
-    if not os.path.isdir(CIFAR10_DIR):
+    if not HAVE_CIFAR10:
         pytest.skip(f"CIFAR-10 binary copy not found at {CIFAR10_DIR}")
 
 

@@ -25,15 +25,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CIFAR10_DIR, REPO_ROOT
+from conftest import CIFAR10_DIR, HAVE_CIFAR10, REPO_ROOT, needs_cifar10, subprocess_env
 from eqdp_tf import data as data_lib
 from eqdp_tf.config import TrainConfig
 from eqdp_tf.errors import ConfigError
 from eqdp_tf.privacy import accounting
 from eqdp_tf.training import distribution, loop
 
-HAVE_DATA = os.path.isfile(os.path.join(CIFAR10_DIR, "data_batch_1.bin"))
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"no CIFAR-10 copy at {CIFAR10_DIR}")
+needs_data = needs_cifar10
+pytestmark = pytest.mark.slow
 
 TRAIN_PY = os.path.join(REPO_ROOT, "train.py")
 CHECK_PY = os.path.join(REPO_ROOT, "tests", "mirrored_step_check.py")
@@ -46,8 +46,7 @@ WEIGHT_ATOL = 1e-4
 
 
 def _env(**extra):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONDONTWRITEBYTECODE="1", **extra)
-    env.pop("PYTHONPATH", None)
+    env = subprocess_env(**extra)
     if "TF_CONFIG" not in extra:
         env.pop("TF_CONFIG", None)
     return env
@@ -173,7 +172,7 @@ def test_multi_worker_without_tf_config_is_a_one_line_error(tmp_path):
 def mirrored(tmp_path_factory):
     """The DPStep comparisons, and (with the data) a tiny mirrored training run, in two processes at once."""
     out = tmp_path_factory.mktemp("mirrored") / "run"
-    commands = [[sys.executable, CHECK_PY]] + ([[sys.executable, CHECK_PY, str(out), CIFAR10_DIR]] if HAVE_DATA else [])
+    commands = [[sys.executable, CHECK_PY]] + ([[sys.executable, CHECK_PY, str(out), CIFAR10_DIR]] if HAVE_CIFAR10 else [])
     procs = [subprocess.Popen(c, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c in commands]
     results = {"output_dir": str(out)}

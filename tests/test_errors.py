@@ -14,12 +14,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import CIFAR10_DIR, REPO_ROOT, snapshot
+from conftest import CIFAR10_DIR, REPO_ROOT, needs_cifar10, snapshot, subprocess_env
 from eqdp_tf.training.checkpoint_journal import JOURNAL_NAME
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(CIFAR10_DIR, "data_batch_1.bin")), reason=f"no CIFAR-10 copy at {CIFAR10_DIR}"
-)
+pytestmark = [needs_cifar10, pytest.mark.slow]
 
 TRAIN_PY = os.path.join(REPO_ROOT, "train.py")
 RECORD = 1 + 32 * 32 * 3
@@ -141,12 +139,6 @@ def _pickle_dataset(folder, data):
             pickle.dump({b"data": data, b"labels": [0] * len(data)}, f)
 
 
-def _env():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONDONTWRITEBYTECODE="1")
-    env.pop("PYTHONPATH", None)
-    return env
-
-
 def _prepare(case, root):
     """Sets up the case's data and output folders; returns (data_dir, output_dir, plain file)."""
     data, out, plain = root / "data", root / "out", root / "afile"
@@ -212,7 +204,7 @@ def runs(tmp_path_factory):
             script = root / "full_disk.py"
             script.write_text(_FULL_DISK)
             command = [sys.executable, str(script), TRAIN_PY, *flags]
-        proc = subprocess.Popen(command, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         return root, data, out, before, proc
 

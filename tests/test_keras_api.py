@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import eqdp_tf
 import layers
-from conftest import CIFAR10_DIR
+from conftest import CIFAR10_DIR, needs_cifar10
 from eqdp_tf import data as data_lib
 from eqdp_tf.errors import ConfigError, PrivacyError
 from eqdp_tf.models import build_model
@@ -25,8 +25,7 @@ KEY = 12345
 N, B, P, K = 128, 32, 16, 2
 LR, CLIP, SIGMA = 0.5, 1.0, 1.3
 
-needs_data = pytest.mark.skipif(not os.path.isfile(os.path.join(CIFAR10_DIR, "data_batch_1.bin")),
-                                reason=f"no CIFAR-10 copy at {CIFAR10_DIR}")
+needs_data = needs_cifar10
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CIFAR10_DIR, REPO_ROOT, snapshot
+from conftest import CIFAR10_DIR, REPO_ROOT, needs_cifar10, snapshot, subprocess_env
 from eqdp_tf.config import TrainConfig
 from eqdp_tf.errors import ConfigError, PrivacyError
 from eqdp_tf.privacy import accounting
@@ -34,8 +34,8 @@ from eqdp_tf.training import loop, secret_key
 from eqdp_tf.training.checkpoint import CheckpointStore, Interrupted, StopSignals
 from eqdp_tf.training.checkpoint_journal import JOURNAL_NAME, JournalError, PrivacyJournal
 
-HAVE_DATA = os.path.isfile(os.path.join(CIFAR10_DIR, "data_batch_1.bin"))
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"no CIFAR-10 copy at {CIFAR10_DIR}")
+needs_data = needs_cifar10
+pytestmark = pytest.mark.slow
 
 TRAIN_PY = os.path.join(REPO_ROOT, "train.py")
 STEPS = 10
@@ -69,14 +69,8 @@ def _flags(cfg):
     return flags
 
 
-def _env():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONDONTWRITEBYTECODE="1")
-    env.pop("PYTHONPATH", None)
-    return env
-
-
 def _start(cfg, cwd):
-    return subprocess.Popen([sys.executable, TRAIN_PY, *_flags(cfg)], cwd=cwd, env=_env(),
+    return subprocess.Popen([sys.executable, TRAIN_PY, *_flags(cfg)], cwd=cwd, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

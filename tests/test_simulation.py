@@ -6,7 +6,7 @@ import os
 import dp_accounting
 import pytest
 
-from conftest import CIFAR10_DIR
+from conftest import CIFAR10_DIR, needs_cifar10
 from eqdp_tf.config import TrainConfig
 from eqdp_tf.errors import ConfigError
 from eqdp_tf.privacy import accounting
@@ -91,8 +91,7 @@ def test_resolve_noise_calibrates_the_simulated_run_then_scales_down():
 # --------------------------------------------------------------------------------------------
 # A tiny simulated run: what each output file says.
 
-needs_data = pytest.mark.skipif(not os.path.isfile(os.path.join(CIFAR10_DIR, "data_batch_1.bin")),
-                                reason=f"no CIFAR-10 copy at {CIFAR10_DIR}")
+needs_data = needs_cifar10
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CIFAR10_DIR, REPO_ROOT
+from conftest import CIFAR10_DIR, REPO_ROOT, needs_cifar10, subprocess_env
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(CIFAR10_DIR, "data_batch_1.bin")), reason=f"no CIFAR-10 copy at {CIFAR10_DIR}"
-)
+pytestmark = [needs_cifar10, pytest.mark.slow]
 
 TRAIN_PY = os.path.join(REPO_ROOT, "train.py")
 RECORD = 1 + 32 * 32 * 3
@@ -25,10 +23,9 @@ FLAGS = ["--architecture=eq_resnet9", "--group=C1", "--restrict=none", "--train_
 
 def _offline_env(tfds_dir):
     """No network: every connection goes to a closed local port (as a proxy that refuses)."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONDONTWRITEBYTECODE="1", TFDS_DATA_DIR=str(tfds_dir),
-               https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
+    env = subprocess_env(TFDS_DATA_DIR=str(tfds_dir), https_proxy="http://127.0.0.1:9",
+                         http_proxy="http://127.0.0.1:9")
     env.pop("HTTPS_PROXY", None)
-    env.pop("PYTHONPATH", None)
     return env
 
 

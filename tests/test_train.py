@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CIFAR10_DIR, REPO_ROOT, snapshot
+from conftest import CIFAR10_DIR, REPO_ROOT, needs_cifar10, snapshot, subprocess_env
 from eqdp_tf import data as data_lib
 from eqdp_tf import export as export_lib
 from eqdp_tf import models
@@ -21,9 +21,7 @@ from eqdp_tf.privacy import accounting
 from eqdp_tf.training import loop
 from eqdp_tf.training.checkpoint import CheckpointStore
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(CIFAR10_DIR, "data_batch_1.bin")), reason=f"no CIFAR-10 copy at {CIFAR10_DIR}"
-)
+pytestmark = needs_cifar10
 
 TRAIN_PY = os.path.join(REPO_ROOT, "train.py")
 PRIVACY_FIELDS = {"accountant", "noise_multiplier", "sampling_rate", "sampling_method", "steps", "batch_size",
@@ -52,12 +50,6 @@ def _flags_for(cfg):
             value = "true" if value else "false"
         flags.append(f"--{name}={value}")
     return flags
-
-
-def _python_env():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONDONTWRITEBYTECODE="1")
-    env.pop("PYTHONPATH", None)
-    return env
 
 
 def _read_metrics(output_dir):
@@ -163,7 +155,7 @@ def _serve_in_subprocess(export_dir, images, tmp_path):
     script.write_text(_SERVE_SCRIPT)
     proc = subprocess.run(
         [sys.executable, str(script), export_dir, str(tmp_path / "images.npy"), str(tmp_path / "served.npz")],
-        cwd=tmp_path, env=_python_env(), capture_output=True, text=True, timeout=180,
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -262,7 +254,7 @@ def test_smoke_config_runs(tmp_path):
     out = tmp_path / "smoke"
     proc = subprocess.run(
         [sys.executable, "train.py", "--flagfile=configs/smoke.cfg", f"--output_dir={out}"],
-        cwd=REPO_ROOT, env=_python_env(), capture_output=True, text=True, timeout=240,
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: test accuracy" in proc.stdout
@@ -288,7 +280,7 @@ _BAD_FLAGS = {
 
 
 def _start_train(flags, cwd):
-    return subprocess.Popen([sys.executable, TRAIN_PY, *flags], cwd=cwd, env=_python_env(),
+    return subprocess.Popen([sys.executable, TRAIN_PY, *flags], cwd=cwd, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
