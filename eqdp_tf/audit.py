@@ -162,6 +162,61 @@ def small_model(num_classes=10):
     return tf.keras.Model(inputs, tf.keras.layers.Dense(num_classes, name="logits")(x), name="audit_small_cnn")
 
 
+class _Canaries:
+    """``m`` Dirac canaries over a model's weights: canary i pushes weight ``coords[i]`` with gradient norm
+    ``norm``, and takes part in training only where ``included[i]``."""
+
+    def __init__(self, variables, num_canaries, rng, norm):
+        self.variables = list(variables)
+        sizes = [int(np.prod(v.shape)) for v in self.variables]
+        self.total = sum(sizes)
+        if num_canaries > self.total:
+            raise ConfigError(f"--audit_canaries={num_canaries} exceeds the model's {self.total} weights")
+        self.coords = rng.choice(self.total, size=num_canaries, replace=False)
+        self.included = rng.random(num_canaries) < 0.5
+        self.offsets = np.cumsum([0] + sizes)
+        self.norm = norm
+
+    def gradients(self, sampled):
+        """Per-variable [n, *shape] gradients of the sampled canaries (one Dirac vector each)."""
+        import tensorflow as tf
+
+        rows = np.zeros((len(sampled), self.total), np.float32)
+        rows[np.arange(len(sampled)), self.coords[sampled]] = self.norm
+        return [tf.constant(rows[:, self.offsets[i]:self.offsets[i + 1]].reshape((len(sampled), *v.shape)))
+                for i, v in enumerate(self.variables)]
+
+    def weights(self):
+        return np.concatenate([v.numpy().ravel() for v in self.variables])
+
+
+def _train_with_canaries(cfg, step_fn, optimizer, dataset, canaries, q, rng, broken, verbose):
+    """The configured training, each step's included canaries Poisson-sampled like examples and added to the
+    step's sum of clipped gradients before the noise."""
+    import tensorflow as tf
+
+    from eqdp_tf.privacy.dp_step import clip_per_example
+
+    accumulate, apply_update = step_fn.compiled_accumulate(False), step_fn.compiled_apply(False)
+    step = 0
+    for batch in dataset:
+        accumulate(batch["views"], batch["labels"], batch["mask"])
+        if not bool(batch["last"]):
+            continue
+        sampled = np.flatnonzero(canaries.included & (rng.random(len(canaries.included)) < q))
+        if len(sampled):
+            grads = canaries.gradients(sampled)
+            if not broken:
+                grads, _ = clip_per_example(grads, cfg.l2_norm_clip)
+            for acc, g in zip(step_fn.accumulators, grads):
+                acc.assign_add(tf.reduce_sum(g, axis=0))
+        step += 1
+        optimizer.set_noise_seed(rng.integers(0, 2**62, size=2))
+        apply_update()
+        if verbose:
+            print(f"audit step {step}/{cfg.steps}: {len(sampled)} canaries sampled", flush=True)
+
+
 def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: Optional[Callable] = None,
               canary_scale=10.0, seed=0, verbose=False) -> AuditResult:
     """Trains ``cfg`` (a TrainConfig; its output_dir is not used) once with canaries; returns the audit.
@@ -173,10 +228,9 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
 
     from eqdp_tf import data as data_lib
     from eqdp_tf.privacy import accounting
-    from eqdp_tf.privacy.dp_step import DPStep, clip_per_example
+    from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer, DPStep
     from eqdp_tf.training import loop
     from eqdp_tf.training import plan as plan_lib
-    from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer
 
     if not cfg.dp:
         raise ConfigError("the audit checks a DP configuration; --dp=false claims no guarantee to audit")
@@ -196,51 +250,16 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
     model = model_fn() if model_fn is not None else loop.build_model(cfg)
     clip = 1e12 if broken else cfg.l2_norm_clip  # "no clipping": a bound no gradient reaches
     optimizer = DPKerasSGDOptimizer(l2_norm_clip=clip, noise_multiplier=0.0 if broken else sigma,
-                                      expected_batch_size=sampler.expected_batch_size,
-                                      learning_rate=cfg.learning_rate, momentum=cfg.momentum)
+                                    expected_batch_size=sampler.expected_batch_size,
+                                    learning_rate=cfg.learning_rate, momentum=cfg.momentum)
     step_fn = DPStep(model, None, optimizer, view_reduction=cfg.view_reduction, dp=True)
-    accumulate = step_fn.compiled_accumulate(False)
-    apply_update = step_fn.compiled_apply(False)
-
-    variables = model.trainable_variables
-    sizes = [int(np.prod(v.shape)) for v in variables]
-    total = sum(sizes)
-    if num_canaries > total:
-        raise ConfigError(f"--audit_canaries={num_canaries} exceeds the model's {total} weights")
-    coords = rng.choice(total, size=num_canaries, replace=False)
-    included = rng.random(num_canaries) < 0.5
-    offsets = np.cumsum([0] + sizes)
-    canary_norm = canary_scale * cfg.l2_norm_clip
-
-    def canary_gradients(sampled):
-        """Per-variable [n, *shape] gradients of the sampled canaries (one Dirac vector each)."""
-        rows = np.zeros((len(sampled), total), np.float32)
-        rows[np.arange(len(sampled)), coords[sampled]] = canary_norm
-        return [tf.constant(rows[:, offsets[i]:offsets[i + 1]].reshape((len(sampled), *v.shape)))
-                for i, v in enumerate(variables)]
-
-    initial = np.concatenate([v.numpy().ravel() for v in variables])
+    canaries = _Canaries(model.trainable_variables, num_canaries, rng, canary_scale * cfg.l2_norm_clip)
+    initial = canaries.weights()
     dataset = data_lib.make_train_dataset(train_images, train_labels, sampler, cfg.num_views, cfg.seed,
                                           num_steps=cfg.steps)
-    step = 0
-    for batch in dataset:
-        accumulate(batch["views"], batch["labels"], batch["mask"])
-        if not bool(batch["last"]):
-            continue
-        sampled = np.flatnonzero(included & (rng.random(num_canaries) < q))
-        if len(sampled):
-            grads = canary_gradients(sampled)
-            if not broken:
-                grads, _ = clip_per_example(grads, cfg.l2_norm_clip)
-            for acc, g in zip(step_fn.accumulators, grads):
-                acc.assign_add(tf.reduce_sum(g, axis=0))
-        step += 1
-        optimizer.set_noise_seed(rng.integers(0, 2**62, size=2))
-        apply_update()
-        if verbose:
-            print(f"audit step {step}/{cfg.steps}: {len(sampled)} canaries sampled", flush=True)
-    final = np.concatenate([v.numpy().ravel() for v in variables])
-    scores = (initial - final)[coords]
+    _train_with_canaries(cfg, step_fn, optimizer, dataset, canaries, q, rng, broken, verbose)
+    scores = (initial - canaries.weights())[canaries.coords]
+    included = canaries.included
     bound, guesses, correct, k_in, k_out = best_guess_bound(scores, included, cfg.delta, confidence)
     return AuditResult(
         epsilon_lower_bound=bound, accountant_epsilon=accountant_epsilon, confidence=confidence, delta=cfg.delta,

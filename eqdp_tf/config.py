@@ -118,16 +118,19 @@ class TrainConfig:
                                          or self.dp_seed < 0):
             raise ConfigError(f"--dp_seed must be a whole number >= 0 or unset; got {self.dp_seed!r}")
         self._validate_groups()
+        if self.architecture == "wrn16_4" and (self.group.upper() != "C1" or self.restricted_group is not None):
+            raise ConfigError("--architecture=wrn16_4 is not equivariant: use it with --group=C1 --restrict=none")
+        self._validate_privacy()
+
+    def _validate_privacy(self):
         if self.simulated_batch_size is not None:
-            positive("simulated_batch_size")
+            whole_number("--simulated_batch_size", self.simulated_batch_size, at_least=1)
             if not self.dp:
                 raise ConfigError("--simulated_batch_size simulates a private run: it needs --dp=true")
             if self.simulated_batch_size < self.batch_size:
                 raise ConfigError(f"--simulated_batch_size {self.simulated_batch_size} is smaller than --batch_size "
                                   f"{self.batch_size}: a TAN simulation runs a smaller batch than the run it stands "
                                   "for")
-        if self.architecture == "wrn16_4" and (self.group.upper() != "C1" or self.restricted_group is not None):
-            raise ConfigError("--architecture=wrn16_4 is not equivariant: use it with --group=C1 --restrict=none")
         if not self.dp:
             return
         if self.l2_norm_clip <= 0:
@@ -138,10 +141,9 @@ class TrainConfig:
             raise ConfigError("with --dp, set --noise_multiplier or --target_epsilon")
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
             raise ConfigError(f"--noise_multiplier must be >= 0; got {self.noise_multiplier}")
-        if self.target_epsilon is not None and self.target_epsilon <= 0:
-            raise ConfigError(f"--target_epsilon must be > 0; got {self.target_epsilon}")
-        if self.max_epsilon is not None and self.max_epsilon <= 0:
-            raise ConfigError(f"--max_epsilon must be > 0; got {self.max_epsilon}")
+        for name in ("target_epsilon", "max_epsilon"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be > 0; got {getattr(self, name)}")
 
     def _validate_groups(self):
         try:

@@ -420,8 +420,6 @@ def make_train_dataset(images, labels, sampler, num_views: int, seed: int,
     if not replica_ids or any(not 0 <= r < num_replicas for r in replica_ids):
         raise ConfigError(f"replica_ids must be some of 0..{num_replicas - 1}, got {replica_ids}.")
     size = sampler.physical_batch_size
-    image_table = tf.constant(images)
-    label_table = tf.constant(labels)
 
     def steps():
         # A callable start is asked afresh at every iteration of the dataset (Keras iterates once per epoch).
@@ -431,51 +429,69 @@ def make_train_dataset(images, labels, sampler, num_views: int, seed: int,
             yield step
             step += 1
 
+    tables = (tf.constant(images), tf.constant(labels))
     if num_replicas == 1:
-        def batches():
-            # Only the cheap index sampling runs in Python; gathering and augmenting run in the parallel map.
-            for step in steps():
-                physical = sampler.physical_batches(step)
-                for i, batch in enumerate(physical):
-                    yield (batch.indices, batch.mask, np.int64(step), i == len(physical) - 1,
-                           _augment_seed(seed, step, i))
-
-        signature = (
-            tf.TensorSpec([size], tf.int64), tf.TensorSpec([size], tf.float32), tf.TensorSpec([], tf.int64),
-            tf.TensorSpec([], tf.bool), tf.TensorSpec([2], tf.int64),
-        )
-
-        def build(indices, mask, step, last, aug_seed):
-            views = augment_views(tf.gather(image_table, indices), num_views, aug_seed)
-            views = tf.ensure_shape(views, [size, num_views, *IMAGE_SHAPE])
-            return {"views": views, "labels": tf.gather(label_table, indices), "mask": mask, "step": step,
-                    "last": last}
+        batches, signature, build = _one_device_batches(sampler, steps, tables, num_views, seed, size)
     else:
-        rows = np.asarray(replica_ids)
-        local = len(replica_ids)
-
-        def batches():
-            for step in steps():
-                physical = split_for_replicas(sampler.sample(step), size, num_replicas)
-                for i, batch in enumerate(physical):
-                    aug_seeds = np.stack([_augment_seed(seed, step, i, r) for r in replica_ids])
-                    yield (batch.indices[rows], batch.mask[rows], np.int64(step), i == len(physical) - 1,
-                           aug_seeds)
-
-        signature = (
-            tf.TensorSpec([local, size], tf.int64), tf.TensorSpec([local, size], tf.float32),
-            tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.bool), tf.TensorSpec([local, 2], tf.int64),
-        )
-
-        def build(indices, mask, step, last, aug_seeds):
-            views = tf.stack([augment_views(tf.gather(image_table, indices[j]), num_views, aug_seeds[j])
-                              for j in range(local)])
-            views = tf.ensure_shape(views, [local, size, num_views, *IMAGE_SHAPE])
-            return {"views": views, "labels": tf.gather(label_table, indices), "mask": mask, "step": step,
-                    "last": last}
-
+        batches, signature, build = _replica_batches(sampler, steps, tables, num_views, seed, size, num_replicas,
+                                                     replica_ids)
     dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
     return dataset.map(build, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def _one_device_batches(sampler, steps, tables, num_views, seed, size):
+    """(generator of index batches, its signature, the map building the batch dicts) for one device."""
+    image_table, label_table = tables
+
+    def batches():
+        # Only the cheap index sampling runs in Python; gathering and augmenting run in the parallel map.
+        for step in steps():
+            physical = sampler.physical_batches(step)
+            for i, batch in enumerate(physical):
+                yield (batch.indices, batch.mask, np.int64(step), i == len(physical) - 1,
+                       _augment_seed(seed, step, i))
+
+    signature = (
+        tf.TensorSpec([size], tf.int64), tf.TensorSpec([size], tf.float32), tf.TensorSpec([], tf.int64),
+        tf.TensorSpec([], tf.bool), tf.TensorSpec([2], tf.int64),
+    )
+
+    def build(indices, mask, step, last, aug_seed):
+        views = augment_views(tf.gather(image_table, indices), num_views, aug_seed)
+        views = tf.ensure_shape(views, [size, num_views, *IMAGE_SHAPE])
+        return {"views": views, "labels": tf.gather(label_table, indices), "mask": mask, "step": step,
+                "last": last}
+
+    return batches, signature, build
+
+
+def _replica_batches(sampler, steps, tables, num_views, seed, size, num_replicas, replica_ids):
+    """As ``_one_device_batches``, each logical batch dealt out to replicas (only those in ``replica_ids``)."""
+    image_table, label_table = tables
+    rows = np.asarray(replica_ids)
+    local = len(replica_ids)
+
+    def batches():
+        for step in steps():
+            physical = split_for_replicas(sampler.sample(step), size, num_replicas)
+            for i, batch in enumerate(physical):
+                aug_seeds = np.stack([_augment_seed(seed, step, i, r) for r in replica_ids])
+                yield (batch.indices[rows], batch.mask[rows], np.int64(step), i == len(physical) - 1,
+                       aug_seeds)
+
+    signature = (
+        tf.TensorSpec([local, size], tf.int64), tf.TensorSpec([local, size], tf.float32),
+        tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.bool), tf.TensorSpec([local, 2], tf.int64),
+    )
+
+    def build(indices, mask, step, last, aug_seeds):
+        views = tf.stack([augment_views(tf.gather(image_table, indices[j]), num_views, aug_seeds[j])
+                          for j in range(local)])
+        views = tf.ensure_shape(views, [local, size, num_views, *IMAGE_SHAPE])
+        return {"views": views, "labels": tf.gather(label_table, indices), "mask": mask, "step": step,
+                "last": last}
+
+    return batches, signature, build
 
 
 def make_eval_dataset(images, labels, batch_size: int) -> tf.data.Dataset:
