@@ -64,6 +64,8 @@ import subprocess
 import sys
 import time
 
+import harness  # bench/harness.py: the child-process protocol shared by the bench scripts
+
 _CHILD_START = time.perf_counter()
 
 MODELS = {
@@ -249,11 +251,6 @@ def _matmul_rate(tf, n, dtype, repeats):
 _TF_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
-def _one_line(err):
-    lines = f"{type(err).__name__}: {err}".strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
-
-
 def _child_calibrate(spec):
     """Peak matmul rate(s), the models' MACs per view, and the software versions."""
     tf = _quiet_tensorflow()
@@ -269,14 +266,14 @@ def _child_calibrate(spec):
         try:
             peak[dtype] = _matmul_rate(tf, spec["matmul_n"], getattr(tf, _TF_DTYPES[dtype]), spec["repeats"])
         except Exception as err:  # noqa: BLE001 - reported, not fatal
-            peak[f"{dtype}_error"] = _one_line(err)
+            peak[f"{dtype}_error"] = harness.one_line(err)
     macs = {}
     for name in spec["models"]:
         try:
             model = _build_model(tf, name)
             macs[name] = {"macs_per_view": count_macs(tf, model), "params": int(model.count_params())}
         except Exception as err:  # noqa: BLE001 - reported, not fatal
-            macs[name] = {"error": _one_line(err)}
+            macs[name] = {"error": harness.one_line(err)}
         tf.keras.backend.clear_session()
     return {
         "status": "ok" if "fp32" in peak else "error",
@@ -321,28 +318,11 @@ _CHILDREN = {"cell": _child_cell, "calibrate": _child_calibrate, "pipeline": _ch
 
 
 def _child_main(spec_json):
-    spec = json.loads(spec_json)
-    try:
-        result = _CHILDREN[spec["kind"]](spec)
-    except Exception as err:  # noqa: BLE001 - the parent reports it in the table
-        result = {"status": "error", "error": _one_line(err)}
-    print("RESULT " + json.dumps(result), flush=True)
-    return 0
+    return harness.child_main(lambda spec: _CHILDREN[spec["kind"]](spec), spec_json)
 
 
 # --------------------------------------------------------------------------------------------
 # Parent side: the grid, the children, the report
-
-
-def _rss_bytes(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 def _available_memory_bytes():
@@ -357,44 +337,7 @@ def _available_memory_bytes():
 
 
 def _run_child(spec, timeout, memory_limit=None):
-    """Runs one child; returns (result dict, wall seconds). Never raises for a failing child.
-
-    The child is killed at `timeout` seconds, or as soon as its resident memory passes `memory_limit`
-    bytes (polled), so that a runaway cell cannot push the machine into the kernel's OOM killer.
-    """
-    import tempfile
-
-    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    start = time.perf_counter()
-    killed = None
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, cwd=REPO_ROOT)
-        while proc.poll() is None:
-            if time.perf_counter() - start > timeout:
-                killed = {"status": "skipped", "killed_at_s": timeout}
-            elif memory_limit and _rss_bytes(proc.pid) > memory_limit:
-                killed = {"status": "error", "fatal": True,
-                          "error": f"killed: resident memory over the {memory_limit / 1e9:.1f} GB limit"}
-            if killed:
-                proc.kill()
-                proc.wait()
-                break
-            time.sleep(0.2)
-        wall = time.perf_counter() - start
-        if killed:
-            return killed, wall
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    for line in reversed(stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):]), wall
-    if proc.returncode < 0:
-        hint = ", likely out of memory" if proc.returncode == -9 else ""
-        return {"status": "error", "error": f"killed by signal {-proc.returncode}{hint}", "fatal": True}, wall
-    tail = (stderr.strip().splitlines() or ["no output"])[-1]
-    return {"status": "error", "error": f"exit {proc.returncode}: {tail[:300]}"}, wall
+    return harness.run_child(__file__, spec, timeout, memory_limit)
 
 
 def _csv(text, allowed=None, cast=str, name="value"):
@@ -454,6 +397,8 @@ def parse_args(argv):
     parser.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     parser.add_argument("--write", action="store_true", help="write the report to --out (else only print it)")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "BENCHMARKS.md"), help="where --write writes")
+    parser.add_argument("--report-from", dest="report_from", default=None,
+                        help="rebuild the report from a --json file of an earlier run (measures nothing)")
     parser.add_argument("--json", default=None, help="also save the raw results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -800,6 +745,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.child is not None:
         return _child_main(args.child)
+    if args.report_from:
+        return _report_from(args)
     cells = make_cells(args)
 
     def log(message):
@@ -835,16 +782,34 @@ def main(argv=None):
         log(f"  {_cell_text(pipeline, args.budget)}")
     results = run_grid(args, cells, log)
     machine["load_end"] = os.getloadavg()[0]
-    report = render(args, machine, calib, pipeline, results, started, time.perf_counter() - run_start)
-    print(report)
+    wall_s = time.perf_counter() - run_start
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "calibration": calib, "pipeline": pipeline, "cells": results,
-                       "args": {k: v for k, v in vars(args).items() if k != "child"}}, f, indent=1)
+                       "started": started, "wall_s": wall_s,
+                       "args": {k: v for k, v in vars(args).items() if k not in ("child", "report_from")}}, f,
+                      indent=1)
+    _emit(args, render(args, machine, calib, pipeline, results, started, wall_s))
+    return 0
+
+
+def _emit(args, report):
+    print(report)
     if args.write:
         with open(args.out, "w") as f:
             f.write(report + "\n")
-        log(f"wrote {args.out}")
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+def _report_from(args):
+    """Rebuilds the report from a --json file of an earlier run, without measuring anything."""
+    with open(args.report_from) as f:
+        saved = json.load(f)
+    if "started" not in saved:
+        sys.exit(f"error: {args.report_from} has no 'started'/'wall_s' (written by an older version); rerun the grid")
+    measured = argparse.Namespace(**{**saved["args"], "write": args.write, "out": args.out})
+    _emit(args, render(measured, saved["machine"], saved["calibration"], saved["pipeline"], saved["cells"],
+                       saved["started"], saved["wall_s"]))
     return 0
 
 

@@ -13,10 +13,11 @@ logits are cast to float32 before the loss, as the Keras mixed-precision guide a
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
+
+import harness  # bench/harness.py: the child-process protocol shared by the bench scripts
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA_DIR = os.path.join(REPO_ROOT, "..", "shared", "data", "cifar10", "cifar-10-batches-bin")
@@ -52,9 +53,8 @@ def _child(spec):
         last = [json.loads(line) for line in f if line.strip()][-1]
     with open(os.path.join(spec["output_dir"], "privacy.json")) as f:
         privacy = json.load(f)
-    print("RESULT " + json.dumps({"precision": spec["precision"], "test_accuracy": last["test_accuracy"],
-                                  "loss": last.get("loss"), "epsilon": privacy["epsilon"],
-                                  "views_per_sec": last.get("views_per_sec"), "seconds": seconds}), flush=True)
+    return {"precision": spec["precision"], "test_accuracy": last["test_accuracy"], "loss": last.get("loss"),
+            "epsilon": privacy["epsilon"], "views_per_sec": last.get("views_per_sec"), "seconds": seconds}
 
 
 def main(argv=None):
@@ -70,7 +70,7 @@ def main(argv=None):
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        return _child(json.loads(args.child))
+        return harness.child_main(_child, args.child)
     if min(args.steps, args.batch, args.physical_batch, args.train_subset, args.test_subset) < 1:
         parser.error("--steps, --batch, --physical-batch, --train-subset and --test-subset must be positive")
     if not os.path.isdir(args.data_dir):
@@ -83,13 +83,10 @@ def main(argv=None):
                     "test_subset": args.test_subset, "data_dir": os.path.abspath(args.data_dir),
                     "output_dir": os.path.join(tmp, precision)}
             print(f"{precision}: training ...", file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                                  capture_output=True, text=True, cwd=REPO_ROOT)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                sys.exit(f"error: the {precision} run failed (exit {proc.returncode}): {tail[0]}")
-            results.append(json.loads(lines[0][len("RESULT "):]))
+            result, _ = harness.run_child(__file__, spec)
+            if result.get("status") in ("error", "skipped"):
+                sys.exit(f"error: the {precision} run failed: {result.get('error', result)}")
+            results.append(result)
     print(f"{args.model}, DP-SGD (target epsilon 8 over {args.steps} steps of {args.batch} from "
           f"{args.train_subset} images), same dp_seed; test accuracy on {args.test_subset} test images, EMA weights")
     print("| precision | test accuracy | epsilon | views/s (last window) | run time s |")

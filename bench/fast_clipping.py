@@ -18,9 +18,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+import harness  # bench/harness.py: the child-process protocol shared by the bench scripts
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATHS = ("nonprivate", "tfp_stock", "tfp_registry", "eqdp")
@@ -84,12 +85,8 @@ def _cell(spec):
 
 
 def run_cell(spec, timeout):
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        return {"error": (lines[-1] if lines else f"exit {proc.returncode}")[:200]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result, _ = harness.run_child(__file__, spec, timeout=timeout)
+    return result
 
 
 def render(results, batch):
@@ -120,8 +117,7 @@ def main(argv=None):
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(_cell(json.loads(args.child))))
-        return
+        return harness.child_main(_cell, args.child)
     results = {}
     for model in args.models.split(","):
         results[model] = {}
