@@ -215,7 +215,7 @@ def test_mirrored_training_run_trains_and_exports(mirrored):
     assert result["steps_spent"] == 3
     assert result["epsilon"] == accounting.compute_epsilon(1.0, 32 / 256, 3, 1e-5)  # the global q, as on one device
     assert os.path.isfile(os.path.join(result["export_path"], "saved_model.pb"))
-    with open(os.path.join(mirrored["output_dir"], "privacy_ledger.jsonl")) as f:
+    with open(os.path.join(mirrored["output_dir"], "privacy_journal.jsonl")) as f:
         steps = [r for r in map(json.loads, f) if r["event"] == "step"]
     assert [s["step"] for s in steps] == [1, 2, 3] and {s["sampling_rate"] for s in steps} == {32 / 256}
 
@@ -357,7 +357,7 @@ def test_only_the_chief_writes_and_exports(two_workers):
     assert not os.path.exists(two_workers["worker"])  # the other worker never touched its --output_dir
     chief = two_workers["chief"]
     assert sorted(os.listdir(chief)) == ["checkpoints", "config.json", "export", "metrics.jsonl", "privacy.json",
-                                         "privacy_ledger.jsonl", "tensorboard"]
+                                         "privacy_journal.jsonl", "tensorboard"]
     assert os.listdir(os.path.join(chief, "export")) == ["1"]
     serve = tf.saved_model.load(os.path.join(chief, "export", "1")).signatures["serving_default"]
     out = serve(images=tf.zeros([2, 32, 32, 3], tf.uint8))

@@ -551,3 +551,19 @@ def test_stop_signals_set_a_flag_and_restore_handlers():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@needs_data
+def test_run_folder_of_an_earlier_version_still_resumes(reference, tmp_path, capsys):
+    """Run folders written before the journal was renamed (privacy_ledger.jsonl) are adopted, not refused."""
+    from eqdp_tf.training.checkpoint_journal import LEGACY_JOURNAL_NAME
+
+    ref_out, ref_result = reference
+    out = _copy(ref_out, tmp_path)
+    (out / JOURNAL_NAME).rename(out / LEGACY_JOURNAL_NAME)
+    capsys.readouterr()
+    result = loop.run(_config(out))
+    printed = capsys.readouterr().out
+    assert f"renamed {LEGACY_JOURNAL_NAME} to {JOURNAL_NAME}" in printed
+    assert "already finished" in printed and result["epsilon"] == ref_result["epsilon"]
+    assert (out / JOURNAL_NAME).exists() and not (out / LEGACY_JOURNAL_NAME).exists()

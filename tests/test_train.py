@@ -72,7 +72,7 @@ def trained(tmp_path_factory):
 def test_run_writes_the_expected_files(trained):
     cfg, out, result = trained
     assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "dp_secret.json", "export", "metrics.jsonl",
-                                       "privacy.json", "privacy_ledger.jsonl", "tensorboard"]
+                                       "privacy.json", "privacy_journal.jsonl", "tensorboard"]
     ckpts = os.listdir(os.path.join(out, "checkpoints"))
     assert "checkpoint" in ckpts
     assert {"ckpt-2.index", "ckpt-3.index"} <= set(ckpts)

@@ -1,4 +1,4 @@
-"""The privacy journal ``privacy_ledger.jsonl``: a durable, append-only record of the privacy a run has spent.
+"""The privacy journal ``privacy_journal.jsonl``: a durable, append-only record of the privacy a run has spent.
 
 A DP run is a privacy budget being spent, and a crash must never make the reported epsilon smaller than what
 was spent. The journal is one JSON object per line:
@@ -34,7 +34,9 @@ from eqdp_tf.errors import UserError, one_line
 from eqdp_tf.io import fsync_dir
 from eqdp_tf.privacy import accounting
 
-JOURNAL_NAME = "privacy_ledger.jsonl"
+JOURNAL_NAME = "privacy_journal.jsonl"
+# Its name in run folders written before it was renamed (the in-memory accounting object is the ledger).
+LEGACY_JOURNAL_NAME = "privacy_ledger.jsonl"
 EVENTS = ("start", "step", "release")
 _STEP_FIELDS = ("sampling_rate", "noise_multiplier", "l2_norm_clip", "dataset_size")
 
@@ -248,3 +250,14 @@ class PrivacyJournal:
 def describe_steps(steps) -> str:
     """'3-5, 9' for [3, 4, 5, 9]."""
     return _ranges(steps)
+
+
+def adopt_legacy_journal(folder):
+    """Renames a run folder's journal from its old name (``privacy_ledger.jsonl``) to ``JOURNAL_NAME``, so that a
+    run started by an earlier version resumes; returns True if it did."""
+    old, new = os.path.join(folder, LEGACY_JOURNAL_NAME), os.path.join(folder, JOURNAL_NAME)
+    if not os.path.exists(old) or os.path.exists(new):
+        return False
+    os.rename(old, new)
+    fsync_dir(folder)
+    return True

@@ -19,7 +19,8 @@ from eqdp_tf.privacy import accounting
 from eqdp_tf.privacy.simulation import Simulation
 from eqdp_tf.training import secret_key
 from eqdp_tf.training.checkpoint import CHECKPOINT_DIR, CheckpointStore
-from eqdp_tf.training.checkpoint_journal import JOURNAL_NAME, JournalError, PrivacyJournal, describe_steps
+from eqdp_tf.training.checkpoint_journal import (JOURNAL_NAME, LEGACY_JOURNAL_NAME, JournalError, PrivacyJournal,
+                                                 adopt_legacy_journal, describe_steps)
 
 # Settings in which the workers of one run may differ from the chief: paths on their own host, and XLA.
 WORKER_LOCAL_SETTINGS = ("output_dir", "data_dir", "jit_compile")
@@ -71,6 +72,8 @@ class RunFolder:
 
 
 def _has_training_state(output_dir):
+    if adopt_legacy_journal(output_dir):
+        print(f"note: renamed {LEGACY_JOURNAL_NAME} to {JOURNAL_NAME} in {output_dir} (its name since this version)")
     journal = os.path.join(output_dir, JOURNAL_NAME)
     has_steps = os.path.exists(journal) and PrivacyJournal(journal).has_steps
     return has_steps or bool(CheckpointStore(None, os.path.join(output_dir, CHECKPOINT_DIR)).steps())
@@ -80,7 +83,8 @@ def prepare_output_dir(cfg):
     """Creates the run folder, or checks that an existing one holds this same run (then it resumes).
 
     Returns the privacy settings that differ from the saved run's, as ``{name: (saved, now)}`` (only possible
-    with ``--allow_privacy_change``; config.json is then rewritten once training starts).
+    with ``--allow_privacy_change``). config.json is written here for a new run; a resumed run's is rewritten
+    once training starts (``trainer``), so that a finished or refused run's folder is left as it was.
     """
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -91,19 +95,17 @@ def prepare_output_dir(cfg):
     except OSError as err:
         raise ConfigError(f"cannot write to --output_dir {cfg.output_dir}: {one_line(err)}") from None
     config_path = os.path.join(cfg.output_dir, "config.json")
-    changes = {}
     if os.path.exists(config_path):
         try:
             saved = load_saved(config_path)
         except (OSError, ValueError):
             raise ConfigError(f"--output_dir {cfg.output_dir} holds an unreadable config.json; use another folder") from None
         if _has_training_state(cfg.output_dir):  # otherwise a start that failed before its first step: start over
-            changes = _check_same_run(cfg, saved)
+            return _check_same_run(cfg, saved)
     elif os.listdir(cfg.output_dir):
         raise ConfigError(f"--output_dir {cfg.output_dir} is not empty and holds no run of ours; use another folder")
-    if not changes:
-        write_json_atomic(config_path, cfg.to_json())
-    return changes
+    write_json_atomic(config_path, cfg.to_json())
+    return {}
 
 
 def _check_same_run(cfg, saved):

@@ -152,8 +152,8 @@ class Trainer:
             "delta": cfg.delta, "steps": cfg.steps, "dp": cfg.dp, "sampling": cfg.sampling,
             "simulated_batch_size": cfg.simulated_batch_size,
         })
-        if plan.changes:  # the run goes on with the new privacy settings: they are the run's config now
-            write_json_atomic(os.path.join(cfg.output_dir, "config.json"), cfg.to_json())
+        # A resumed run may go on with other resumable settings (or, allowed, privacy settings): they are its config.
+        write_json_atomic(os.path.join(cfg.output_dir, "config.json"), cfg.to_json())
         self.reporter.announce(self.model, self.jit, self.dist, self.sampler.physical_batch_size, self.num_test)
 
     def _stop_signal(self):
