@@ -387,11 +387,17 @@ def test_steps_after_the_last_release_are_discarded_not_counted(reference, tmp_p
 
 @needs_data
 def test_torn_last_journal_line_is_dropped(reference, tmp_path):
+    # A process killed while appending, right after releasing the checkpoint of step STEPS - 2.
     out = _copy(reference[0], tmp_path)
     journal = out / JOURNAL_NAME
-    intact = journal.read_bytes()
+    records = _journal_steps(out)
+    end = max(i for i, r in enumerate(records) if r["event"] == "release" and r["step"] == STEPS - 2)
+    intact = "".join(json.dumps(r) + "\n" for r in records[:end + 1]).encode()
     journal.write_bytes(intact + b'{"event": "release", "attem')
-    loop.run(_config(out))  # a finished run: reports again
+    for path in (out / "checkpoints").glob(f"ckpt-{STEPS}.*"):
+        path.unlink()
+    (out / "checkpoints" / "checkpoint").write_text(f'model_checkpoint_path: "ckpt-{STEPS - 2}"\n')
+    loop.run(_config(out))  # resumes at STEPS - 2 and finishes
     text = journal.read_bytes()
     assert text.startswith(intact) and text.endswith(b"\n") and b'"attem\n' not in text
     assert _privacy(out)["epsilon"] == reference[1]["epsilon"]
