@@ -16,12 +16,15 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # the project, also when it is not installed
 RESULT_PREFIX = "RESULT "
 
 
 def one_line(err):
-    lines = f"{type(err).__name__}: {err}".strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
+    """A failed measurement's reason for a table cell: the error's type and its one-line message."""
+    from eqdp_tf.errors import one_line as message
+
+    return f"{type(err).__name__}: {message(err)}"[:300]
 
 
 def child_main(measure, spec_json):
