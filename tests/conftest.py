@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import pytest
@@ -39,3 +40,15 @@ def snapshot(folder):
             with open(path, "rb") as f:
                 files[os.path.relpath(path, folder)] = f.read()
     return files
+
+
+def flags_for(cfg):
+    """train.py flags reproducing the TrainConfig ``cfg`` (None-valued settings left at their flag default)."""
+    flags = []
+    for name, value in dataclasses.asdict(cfg).items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        flags.append(f"--{name}={value}")
+    return flags

@@ -7,7 +7,6 @@ resume that restarts the noise stream, resets the EMA or the momentum, or resamp
 ~1e-3.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CIFAR10_DIR, REPO_ROOT, needs_cifar10, snapshot, subprocess_env
+from conftest import CIFAR10_DIR, REPO_ROOT, flags_for, needs_cifar10, snapshot, subprocess_env
 from eqdp_tf.config import TrainConfig
 from eqdp_tf.errors import ConfigError, PrivacyError
 from eqdp_tf.privacy import accounting
@@ -58,19 +57,8 @@ def _config(output_dir, **overrides):
     return TrainConfig(**settings)
 
 
-def _flags(cfg):
-    flags = []
-    for name, value in dataclasses.asdict(cfg).items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        flags.append(f"--{name}={value}")
-    return flags
-
-
 def _start(cfg, cwd):
-    return subprocess.Popen([sys.executable, TRAIN_PY, *_flags(cfg)], cwd=cwd, env=subprocess_env(),
+    return subprocess.Popen([sys.executable, TRAIN_PY, *flags_for(cfg)], cwd=cwd, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

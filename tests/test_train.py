@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CIFAR10_DIR, REPO_ROOT, needs_cifar10, snapshot, subprocess_env
+from conftest import CIFAR10_DIR, REPO_ROOT, flags_for, needs_cifar10, snapshot, subprocess_env
 from eqdp_tf import data as data_lib
 from eqdp_tf import export as export_lib
 from eqdp_tf import models
@@ -38,18 +38,6 @@ def _tiny_config(output_dir, **overrides):
     )
     settings.update(overrides)
     return TrainConfig(**settings)
-
-
-def _flags_for(cfg):
-    """train.py flags reproducing ``cfg`` (None-valued settings left at their flag default)."""
-    flags = []
-    for name, value in dataclasses.asdict(cfg).items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        flags.append(f"--{name}={value}")
-    return flags
 
 
 def _read_metrics(output_dir):
@@ -339,7 +327,7 @@ def test_missing_dataset_message_names_data_dir_and_tfds(bad_flag_runs):
 def test_output_dir_of_a_different_run_is_refused(trained, tmp_path):
     cfg, out, _ = trained
     before = snapshot(out)
-    flags = [f for f in _flags_for(cfg) if not f.startswith("--group=")] + ["--group=D8"]
+    flags = [f for f in flags_for(cfg) if not f.startswith("--group=")] + ["--group=D8"]
     proc = _start_train(flags, tmp_path)
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 2, stderr
