@@ -73,11 +73,13 @@ class Reporter:
 
     def epsilon(self, pending=False):
         """This run's epsilon for the steps spent (``pending``: and those not yet written out)."""
-        return self.journal.ledger(pending).epsilon(self.cfg.delta) if self.cfg.dp else math.inf
+        return self._epsilons(pending)[0]
 
-    def simulated_epsilon(self, pending=False):
-        eps = self.simulation.epsilon(self.journal.ledger(pending), self.cfg.delta)
-        return None if math.isinf(eps) else eps
+    def _epsilons(self, pending):
+        """(this run's epsilon, the simulated run's or None) from one reading of the journal."""
+        ledger = self.journal.ledger(pending)
+        own = ledger.epsilon(self.cfg.delta) if self.cfg.dp else math.inf
+        return own, (self.simulation.epsilon(ledger, self.cfg.delta) if self.simulation else None)
 
     def privacy_report(self, step):
         cfg, journal = self.cfg, self.journal
@@ -114,10 +116,11 @@ class Reporter:
     def log_step(self, step, window):
         """The progress line and TensorBoard's train/* scalars for the steps in ``window``."""
         values = {"loss": window.mean_loss, "acc": window.accuracy}
+        own, simulated = self._epsilons(pending=True)
         if self.cfg.dp:
-            values["eps"] = self.epsilon(pending=True)
+            values["eps"] = own
         if self.simulation:
-            values["sim_eps"] = self.simulation.epsilon(self.journal.ledger(pending=True), self.cfg.delta)
+            values["sim_eps"] = simulated
         values["ex/s"] = round(window.rate, 1)
         self.progress.update(step, **values)
         with self.writer.as_default(step=step):
@@ -127,7 +130,7 @@ class Reporter:
     def record_evaluation(self, step, test_loss, test_acc, window):
         """Appends the metrics of ``step`` (test results, and the training statistics in ``window``)."""
         cfg = self.cfg
-        eps = self.epsilon()
+        eps, simulated = self._epsilons(pending=False)
         record = {
             "step": step,
             "epoch": step * cfg.batch_size / self.plan.num_examples,
@@ -136,7 +139,7 @@ class Reporter:
             "test_loss": test_loss,
             "test_accuracy": test_acc,
             "epsilon": None if math.isinf(eps) else eps,
-            **({"simulated_epsilon": self.simulated_epsilon()} if self.simulation else {}),
+            **({"simulated_epsilon": None if math.isinf(simulated) else simulated} if self.simulation else {}),
             "examples_per_sec": window.rate,
             "views_per_sec": window.rate * cfg.num_views,
             # Wall time of this process (loading, compiling, training and evaluating), for time-to-accuracy.
