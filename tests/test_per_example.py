@@ -87,11 +87,14 @@ def test_conv_rule_by_taps_matches_patches_and_autodiff(size, kernel, stride, pa
     x = tf.constant(rng.randn(6, size, size, 3).astype("float32"))  # 3 examples x 2 views
     layer.build(x.shape)
     dz = tf.constant(rng.randn(*layer.compute_output_shape(x.shape)).astype("float32"))
-    k, s, pad = per_example._conv_geometry(layer)
+    k, s, pad = per_example.conv_geometry(layer)
     dz_rows = tf.reshape(dz, [3, -1, 4])
     by_taps = per_example._kernel_grad_by_taps(x, dz_rows, k, s, pad, 3)
     by_patches = per_example._kernel_grad_by_patches(x, dz_rows, k, s, pad, 3)
     np.testing.assert_allclose(by_taps.numpy(), by_patches.numpy(), rtol=1e-5, atol=1e-5)
+    if per_example._grouped_filter_gradients_supported():  # oneDNN on a CPU: the grouped-convolution form
+        grouped = per_example._kernel_grad_grouped(x, dz, k, s, pad, 3)
+        np.testing.assert_allclose(grouped.numpy(), by_taps.numpy(), rtol=1e-5, atol=1e-5)
     # and both are the gradient of sum(layer(x_i) * dz_i) over each example's two views
     for example in range(3):
         rows = slice(2 * example, 2 * example + 2)

@@ -2,12 +2,12 @@
 
 The step is split into small named pieces, after TF-Privacy's `keras_models/dp_keras_model.py`:
 
-1. `per_example_gradients`: each example's K augmentation views have their losses combined
-   ('sum' or 'mean') *before* clipping, so the unit of privacy is the example, not the view.
-   Computed layer by layer from one batched pass (`per_example.py`), or by `tf.vectorized_map`
-   over examples, each running forward and backward on its own K views.
-2. `clip_per_example`: TF-Privacy's `clip_gradients_vmap` clips each example's gradient to
-   global L2 norm <= C.
+1. Each example's K augmentation views have their losses combined ('sum' or 'mean') *before*
+   clipping, so the unit of privacy is the example, not the view.
+2. Clipping to global L2 norm <= C, by the factor C / max(||g_i||, C) of TF-Privacy's
+   `clip_gradients_vmap`: for functional/Sequential models by `clipped_sum.clipped_gradient_sum`
+   (norms layer by layer from one batched pass, ghost norms where they pay, then the weighted sum),
+   otherwise `per_example_gradients` by `tf.vectorized_map` over examples and `clip_per_example`.
 3. `DPStep.accumulate`: masked sum of the clipped gradients into accumulator variables, so a
    logical batch larger than memory is built from fixed-shape physical batches (padding rows
    have mask 0).
@@ -33,7 +33,7 @@ from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import 
 
 from eqdp_tf.checks import finite_number
 from eqdp_tf.errors import ConfigError
-from eqdp_tf.privacy import per_example
+from eqdp_tf.privacy import clipped_sum, per_example
 
 VIEW_REDUCTIONS = ("sum", "mean")
 
@@ -70,8 +70,8 @@ def _default_loss_fn():
 class DPKerasSGDOptimizer(VectorizedDPKerasSGDOptimizer):
     """TF-Privacy's vectorized DP-SGD optimizer (legacy SGD), driven by `DPStep`.
 
-    Clipping (`clip_gradients_vmap`) and noise (`GaussianSumQuery`, stddev = sigma*C) are
-    TF-Privacy's. What differs from the stock optimizer:
+    Noise (`GaussianSumQuery`, stddev = sigma*C) is TF-Privacy's; clipping uses its rule (the factor
+    C / max(norm, C) of `clip_gradients_vmap`) inside `DPStep`. What differs from the stock optimizer:
 
     - Per-example gradients come from `DPStep` (a `tf.vectorized_map` over examples, cost
       linear in the batch size), never from the stock `_compute_gradients`, whose
@@ -359,9 +359,13 @@ class DPStep:
       per_example_method: 'auto', 'layerwise' or 'vmap' (see `per_example_gradients`).
       dp: False gives the non-private baseline: one batched gradient of the masked summed loss,
         no per-example work, no clipping, no noise; still divided by expected_batch_size.
+      norm_method: with the layer-by-layer engine, how each layer's per-example norms are found
+        (`clipped_sum.py`): 'auto' (per layer, the cheaper of ghost norms and materialised gradients),
+        'materialise' or 'ghost'. The result is the same; only speed and memory differ.
     """
 
-    def __init__(self, model, loss_fn, optimizer, view_reduction="sum", dp=True, per_example_method="auto"):
+    def __init__(self, model, loss_fn, optimizer, view_reduction="sum", dp=True, per_example_method="auto",
+                 norm_method="auto"):
         if not isinstance(optimizer, DPKerasSGDOptimizer):
             raise ConfigError(
                 f"optimizer must be a DPKerasSGDOptimizer, got {type(optimizer).__name__}"
@@ -376,6 +380,9 @@ class DPStep:
         if per_example_method not in PER_EXAMPLE_METHODS:
             raise ConfigError(f"per_example_method must be one of {PER_EXAMPLE_METHODS}, got {per_example_method!r}")
         self._per_example_method = per_example_method
+        if norm_method not in clipped_sum.NORM_METHODS:
+            raise ConfigError(f"norm_method must be one of {clipped_sum.NORM_METHODS}, got {norm_method!r}")
+        self._norm_method = norm_method
         # The strategy whose scope the step is made in (the default one outside any). Each replica keeps its own
         # running sum (ON_READ: read in cross-replica context, the sums of all replicas are added).
         self._strategy = tf.distribute.get_strategy()
@@ -438,12 +445,23 @@ class DPStep:
         return (stats, losses, logits) if return_outputs else stats
 
     def _private_batch(self, views, labels, mask):
-        grads, losses, logits = per_example_gradients(
-            self._model, self._loss_fn, views, labels, self._view_reduction, self._per_example_method
-        )
         clip = self._optimizer.l2_norm_clip
-        clipped, norms = clip_per_example(grads, clip)
-        grad_sums = [tf.tensordot(tf.cast(mask, g.dtype), g, axes=1) for g in clipped]
+        method = self._per_example_method
+        if method == "auto":
+            method = "layerwise" if per_example.supports(self._model) else "vmap"
+        if method == "layerwise":
+            if not per_example.supports(self._model):
+                raise ConfigError("per-example method 'layerwise' needs a functional or Sequential Keras model")
+            # Norms layer by layer, then one weighted sum: per-example gradients are held only where
+            # that is the cheaper way to their norms.
+            grad_sums, norms, losses, logits = clipped_sum.clipped_gradient_sum(
+                self._model, _checked_loss_fn(self._loss_fn), views, labels,
+                lambda l: _reduce_views(l, self._view_reduction), clip, mask, self._norm_method)
+        else:
+            grads, losses, logits = per_example_gradients(
+                self._model, self._loss_fn, views, labels, self._view_reduction, method)
+            clipped, norms = clip_per_example(grads, clip)
+            grad_sums = [tf.tensordot(tf.cast(mask, g.dtype), g, axes=1) for g in clipped]
         count = tf.reduce_sum(mask)
         extra = {
             "grad_norm_mean": tf.math.divide_no_nan(tf.reduce_sum(mask * norms), count),

@@ -1,0 +1,207 @@
+"""The masked sum of clipped per-example gradients without holding every per-example gradient at once.
+
+DP-SGD only needs two things from the per-example gradients g_i: their norms ||g_i||, for the clip factors
+c_i = C / max(||g_i||, C), and the weighted sum sum_i m_i c_i g_i (m_i the padding mask). This module gets
+both from the one batched forward and backward pass of `per_example.layer_output_gradients` (input X and
+output gradient dZ of every layer with weights), layer by layer, choosing per layer the cheaper of:
+
+- **materialise** (as `per_example.py` does): form the layer's per-example gradients, take their squared
+  norms, keep them until the clip factors are known, then sum them weighted. Cheap where a layer has few
+  weights or many output positions; always used for group convolutions, whose weights are the *base*
+  filters: their norm needs the gradient taken back through the kernel expansion.
+- **ghost** (Goodfellow 2015; Li et al. 2022; Bu et al. 2023, "book-keeping"): for a layer computing
+  Z = A W from patch rows A (convolution, Dense), g_i = A_i^T dZ_i, so
+
+      ||g_i||^2 = sum over rows r, r' of example i of (a_r . a_r') (dz_r . dz_r'),
+
+  two Gram matrices of size T x T (T = the example's rows: K views x output positions) instead of a
+  (k*k*C_in) x C_out matrix per example. The patch Gram is the input's own Gram summed over the k*k kernel
+  offsets, so patches are never formed. The weighted sum is then ONE ordinary batched weight gradient,
+  A^T (c * dZ), exactly what non-private training computes. Cheap where T is small against the weights
+  (late, low-resolution layers; Dense), and nothing of size B x weights is ever held for those layers.
+
+Both give the same norms and the same sum to float rounding (tests/test_clipped_sum.py). The choice is made
+per layer from static shapes by `ghost_pays`, comparing multiply-adds.
+"""
+
+import tensorflow as tf
+
+from eqdp_tf.privacy import per_example
+
+NORM_METHODS = ("auto", "materialise", "ghost")
+
+
+def _identity_expansion(layer):
+    """True when the layer's (expanded) kernel is its own kernel reshaped: ordinary convs, C1 group convs."""
+    if not hasattr(layer, "expanded_kernel"):
+        return True
+    group = getattr(layer, "group", None)
+    return group is not None and group.order == 1
+
+
+def _static_dims(x, dz):
+    dims = list(x.shape[1:]) + list(dz.shape[1:])
+    return None if any(d is None for d in dims) else dims
+
+
+def ghost_allowed(layer, x, dz, num_views):
+    """True when the ghost norm is exact for ``layer``: an ordinary convolution (or one whose kernel expansion is
+    the identity) or a Dense layer on [rows, features], with static shapes and ``num_views`` a Python int."""
+    if not isinstance(num_views, int):
+        return False
+    if per_example.conv_rule_applies(layer) and _identity_expansion(layer):
+        return _static_dims(x, dz) is not None
+    return per_example.is_dense(layer) and x.shape.rank == 2 and None not in (x.shape[-1], dz.shape[-1])
+
+
+def ghost_pays(layer, x, dz, num_views):
+    """True when the ghost norm of ``layer``'s weight gradient costs fewer multiply-adds than forming it.
+
+    Per example: ghost = (rows of the padded input)^2 * C_in for the input Gram + k*k * T^2 to sum its shifted
+    blocks + T^2 * C_out for the output Gram; materialise = T * k*k * C_in * C_out (T = K views x output
+    positions; Dense: k = 1, T = K).
+    """
+    if not ghost_allowed(layer, x, dz, num_views):
+        return False
+    if per_example.is_dense(layer):
+        c_in, c_out, rows = x.shape[-1], dz.shape[-1], num_views
+        return rows * rows * (c_in + c_out) < rows * c_in * c_out
+    height, width, c_in, out_h, out_w, c_out = _static_dims(x, dz)
+    k, s, padding = per_example.conv_geometry(layer)
+    top, bottom, _ = per_example.padding_amounts(height, k, s, padding)
+    left, right, _ = per_example.padding_amounts(width, k, s, padding)
+    input_rows = num_views * (height + top + bottom) * (width + left + right)
+    rows = num_views * out_h * out_w
+    ghost = input_rows**2 * c_in + k * k * rows**2 + rows**2 * c_out
+    return ghost < rows * k * k * c_in * c_out
+
+
+def _conv_patch_gram(x, k, s, padding, batch, num_views):
+    """[B, T, T] Gram matrices of each example's patch rows (T = views x output positions), without patches.
+
+    (a_r . a_r') = sum over kernel offsets (i, j) of x[r + (i, j)] . x[r' + (i, j)]: the padded input's own
+    Gram, [B, V, Hp, Wp, V, Hp, Wp], summed over k*k strided windows.
+    """
+    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    top, bottom, out_h = per_example.padding_amounts(height, k, s, padding)
+    left, right, out_w = per_example.padding_amounts(width, k, s, padding)
+    if top or bottom or left or right:
+        x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+    padded_h, padded_w = height + top + bottom, width + left + right
+    rows = tf.reshape(x, [batch, -1, channels])  # [B, V*Hp*Wp, C]
+    gram = tf.linalg.matmul(rows, rows, transpose_b=True)
+    gram = tf.reshape(gram, [batch, num_views, padded_h, padded_w, num_views, padded_h, padded_w])
+    total = None
+    for i in range(k):
+        for j in range(k):
+            window = gram[:, :, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s,
+                          :, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s]
+            total = window if total is None else total + window
+    return tf.reshape(total, [batch, num_views * out_h * out_w, num_views * out_h * out_w])
+
+
+def _ghost_squared_norm(layer, x, dz, batch, num_views):
+    """[B] squared norm of each example's gradient of the layer's kernel (and bias), by Gram matrices."""
+    dz_rows = tf.reshape(dz, [batch, -1, tf.shape(dz)[-1]])
+    if per_example.is_dense(layer):
+        x_rows = tf.reshape(x, [batch, -1, tf.shape(x)[-1]])
+        input_gram = tf.linalg.matmul(x_rows, x_rows, transpose_b=True)
+    else:
+        k, s, padding = per_example.conv_geometry(layer)
+        input_gram = _conv_patch_gram(x, k, s, padding, batch, num_views)
+    output_gram = tf.linalg.matmul(dz_rows, dz_rows, transpose_b=True)
+    squared = tf.reduce_sum(input_gram * output_gram, axis=[1, 2])
+    if getattr(layer, "bias", None) is not None:
+        squared += tf.reduce_sum(tf.square(tf.reduce_sum(dz_rows, axis=1)), axis=1)
+    return squared
+
+
+def _ghost_weighted_sum(layer, x, dz, row_weights):
+    """[(variable, sum over rows of weight * its gradient)]: one batched weight gradient of the layer."""
+    weighted = dz * tf.reshape(row_weights, [-1] + [1] * (dz.shape.rank - 1))
+    if per_example.is_dense(layer):
+        kernel = tf.linalg.matmul(tf.reshape(x, [-1, x.shape[-1]]), tf.reshape(weighted, [-1, dz.shape[-1]]),
+                                  transpose_a=True)
+    else:
+        k, s, padding = per_example.conv_geometry(layer)
+        kernel = tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=[k, k, x.shape[-1], dz.shape[-1]], out_backprop=weighted,
+            strides=[1, s, s, 1], padding=padding)
+    bias_grad = tf.reduce_sum(tf.reshape(weighted, [-1, dz.shape[-1]]), axis=0)
+    bias = getattr(layer, "bias", None)
+    return [(layer.kernel, tf.reshape(kernel, tf.shape(layer.kernel)))] + (
+        [] if bias is None else [(bias, tf.reshape(bias_grad, tf.shape(bias)))])
+
+
+def clipped_gradient_sum(model, loss_fn, views, labels, reduce_views, l2_norm_clip, mask, norm_method="auto"):
+    """Masked sum of the clipped per-example gradients of ``model`` (see module doc).
+
+    Args:
+      model: functional or Sequential Keras model (`per_example.supports`); examples independent.
+      loss_fn: `loss_fn(labels, logits)` -> [n] losses.
+      views: [B, K, H, W, C]; labels [B, ...]; mask [B] (0 for padding rows).
+      reduce_views: [B, K] per-view losses -> [B] per-example losses.
+      l2_norm_clip: C.
+      norm_method: 'auto' (per layer, `ghost_pays`), 'materialise' or 'ghost' (ghost wherever the layer
+        allows it; for tests and measurements).
+
+    Returns:
+      (sums aligned with model.trainable_variables, norms [B] before clipping, losses [B], logits [B, K, ...]).
+    """
+    shape = tf.shape(views)
+    batch, num_views = shape[0], shape[1]
+    static_views = views.shape[1]
+    flat_views = tf.reshape(views, tf.concat([[batch * num_views], shape[2:]], 0))
+    flat_labels = tf.repeat(labels, num_views, axis=0)
+
+    def loss_of(flat_logits):
+        losses = reduce_views(tf.reshape(loss_fn(flat_labels, flat_logits), [batch, num_views]))
+        return tf.reduce_sum(losses), losses
+
+    recorded, flat_logits, losses = per_example.layer_output_gradients(model, flat_views, loss_of)
+
+    squared = []
+    materialised = []  # (variable, [B, *shape]) kept until the clip factors are known
+    ghosts = []  # (layer, x, dz) summed by one batched gradient afterwards
+    for layer, x, dz in recorded:
+        if dz is None:
+            continue
+        x = tf.cast(x, dz.dtype)
+        if _use_ghost(norm_method, layer, x, dz, static_views):
+            squared.append(tf.cast(_ghost_squared_norm(layer, x, dz, batch, static_views), tf.float32))
+            ghosts.append((layer, x, dz))
+            continue
+        for variable, grad in per_example.layer_rule(layer)(layer, x, dz, batch, num_views):
+            squared.append(tf.reduce_sum(tf.square(tf.cast(tf.reshape(grad, [batch, -1]), tf.float32)), axis=1))
+            materialised.append((variable, grad))
+
+    norms = tf.sqrt(tf.add_n(squared)) if squared else tf.zeros([batch])
+    clip = tf.cast(l2_norm_clip, tf.float32)
+    weights = tf.cast(mask, tf.float32) * clip / tf.maximum(norms, clip)  # c_i m_i
+
+    sums = {}
+
+    def add(variable, value):
+        key = variable.ref()
+        sums[key] = value if key not in sums else sums[key] + value
+
+    for variable, grad in materialised:
+        add(variable, tf.tensordot(tf.cast(weights, grad.dtype), grad, axes=1))
+    for layer, x, dz in ghosts:
+        row_weights = tf.cast(tf.repeat(weights, num_views), dz.dtype)
+        for variable, value in _ghost_weighted_sum(layer, x, dz, row_weights):
+            add(variable, value)
+    grads = []
+    for variable in model.trainable_variables:
+        value = sums.get(variable.ref())
+        grads.append(tf.zeros_like(variable) if value is None else tf.cast(value, variable.dtype))
+    logits = tf.reshape(flat_logits, tf.concat([[batch, num_views], tf.shape(flat_logits)[1:]], 0))
+    return grads, norms, losses, logits
+
+
+def _use_ghost(norm_method, layer, x, dz, num_views):
+    if norm_method == "materialise":
+        return False
+    if norm_method == "ghost":
+        return ghost_allowed(layer, x, dz, num_views)
+    return ghost_pays(layer, x, dz, num_views)
