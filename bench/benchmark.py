@@ -15,7 +15,10 @@ One cell = (model, mode, precision, XLA, physical batch B). Modes:
 
 - ``nonprivate``: ``DPStep(..., dp=False)``: one batched gradient of the masked summed loss (the
   ``--dp=false`` path of train.py).
-- ``dp``: ``DPStep(..., dp=True)``: per-example gradients, clipping, accumulation and noise.
+- ``dp``: ``DPStep(..., dp=True)``: per-example gradient norms (ghost norms where they pay, see
+  ``eqdp_tf/privacy/clipped_sum.py``), the clipped sum, accumulation and noise.
+- ``dp_materialise`` (only when asked for in ``--modes``): the same step with every layer's per-example
+  gradients materialised, as the engine did before ghost norms; for before/after in one run.
 - ``tfp_stock``: TF-Privacy's ``VectorizedDPKerasSGDOptimizer`` with ``model.compile`` and
   ``train_on_batch`` on a per-example loss (reduction NONE), the path users reach for first. With
   K > 1 views the B*K views are fed example-major with ``num_microbatches=B``, so TF-Privacy averages
@@ -66,8 +69,8 @@ import sys
 import time
 
 import harness  # bench/harness.py: the child-process protocol shared by the bench scripts
-from benchmark_cells import (BF16_MODES, CHILDREN, CIFAR_DIR, DEFAULT_BATCHES, MODELS, MODES, PRECISIONS, REPO_ROOT,
-                             XLA_CHOICES, series_key)
+from benchmark_cells import (BF16_MODES, CHILDREN, CIFAR_DIR, DEFAULT_BATCHES, DEFAULT_MODES, MODELS, MODES,
+                             PRECISIONS, REPO_ROOT, XLA_CHOICES, series_key)
 from benchmark_report import cell_text, machine_info, render
 
 
@@ -123,7 +126,8 @@ def parse_args(argv):
     )
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset",
                         type=lambda s: _csv(s, tuple(MODELS), name="--models"))
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset",
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help=f"comma-separated subset of {','.join(MODES)}",
                         type=lambda s: _csv(s, MODES, name="--modes"))
     parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCHES)), help="physical batches B",
                         type=lambda s: _csv(s, cast=_positive_int, name="--batch-sizes"))

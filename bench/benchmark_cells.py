@@ -20,9 +20,12 @@ MODEL_LABELS = {
     "eq_resnet9_c1": "ResNet-9 (C1)",
     "wrn16_4": "WRN-16-4",
 }
-MODES = ("nonprivate", "dp", "tfp_stock")
+# dp_materialise: our DP step with every layer's per-example gradients materialised (the engine before ghost
+# norms), so a grid can compare both in one run.
+MODES = ("nonprivate", "dp", "dp_materialise", "tfp_stock")
+DEFAULT_MODES = ("nonprivate", "dp", "tfp_stock")
 PRECISIONS = ("fp32", "bf16")
-BF16_MODES = ("nonprivate", "dp")
+BF16_MODES = ("nonprivate", "dp", "dp_materialise")
 XLA_CHOICES = ("off", "on")
 DEFAULT_BATCHES = (32, 64, 128, 256, 512)
 # The local CIFAR-10 copy beside the checkout (as the tests use it), for the input-pipeline measurement.
@@ -82,14 +85,15 @@ def _make_step(tf, spec, model, views, labels, mask):
     """Returns a function running one full training step and returning the loss as a Python float."""
     batch, num_views = spec["batch"], spec["views"]
     xla = spec["xla"] == "on"
-    if spec["mode"] in ("nonprivate", "dp"):
+    if spec["mode"] in ("nonprivate", "dp", "dp_materialise"):
         from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer, DPStep
 
         optimizer = DPKerasSGDOptimizer(
             l2_norm_clip=L2_NORM_CLIP, noise_multiplier=NOISE_MULTIPLIER, expected_batch_size=batch,
             learning_rate=LEARNING_RATE,
         )
-        step = DPStep(model, None, optimizer, view_reduction="sum", dp=spec["mode"] == "dp")
+        step = DPStep(model, None, optimizer, view_reduction="sum", dp=spec["mode"] != "nonprivate",
+                      norm_method="materialise" if spec["mode"] == "dp_materialise" else "auto")
         accumulate = step.compiled_accumulate(jit_compile=xla)
         apply_update = step.compiled_apply(jit_compile=xla)
 

@@ -84,17 +84,17 @@ def main(argv=None):
         def run():
             out = []
             for (layer, _, _), (x, dz) in zip(layers_seen, xs_dzs):
-                conv = per_example._is_conv_like(layer)  # pylint: disable=protected-access
+                conv = per_example._is_conv_like(layer)
                 expanded = hasattr(layer, "expanded_kernel")
                 if kind == "conv filter (taps)" and conv:
-                    k, s, padding = per_example._conv_geometry(layer)  # pylint: disable=protected-access
+                    k, s, padding = per_example.conv_geometry(layer)
                     rows = tf.reshape(dz, [batch, -1, dz.shape[-1]])
-                    out.append(per_example._kernel_grad_by_taps(x, rows, k, s, padding, batch))  # noqa
+                    out.append(per_example._kernel_grad_by_taps(x, rows, k, s, padding, batch))
                 elif kind == "kernel-expansion transpose" and conv and expanded:
                     grad = tf.zeros([batch] + list(layer.expanded_kernel().shape))
-                    out.append(per_example._linear_vjp(layer.expanded_kernel, layer.kernel, grad))  # noqa
+                    out.append(per_example._linear_vjp(layer.expanded_kernel, layer.kernel, grad))
                 elif kind == "all rules":
-                    rule = per_example._rule_for(layer)  # pylint: disable=protected-access
+                    rule = per_example.layer_rule(layer)
                     out += [g for _, g in rule(layer, x, dz, batch, 1)]
             return out or [tf.zeros([])]
         return tf.function(run, autograph=False)
