@@ -449,6 +449,8 @@ SHARED_CPU = {
                        "its speed alone)",
     "tan_cnn_c1_eps8_b128": "shared the two cores with test runs for most of its time (views/s and wall time "
                             "understate its speed alone)",
+    "tan_eq_d4d2_eps8": "shared the two cores with about 4 minutes of micro-benchmarks near its start and with "
+                        "low-priority (nice 19) test runs later (views/s and wall time understate its speed alone)",
 }
 PAPER_STEPS = 2160
 
