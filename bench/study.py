@@ -279,6 +279,11 @@ def _parameter_count(config, cache={}):
     return cache[key]
 
 
+def _run_seconds(metrics_line):
+    """Wall time of the whole run at this evaluation (records before run_wall_seconds existed: of the process)."""
+    return metrics_line.get("run_wall_seconds", metrics_line.get("wall_seconds", 0.0))
+
+
 def summarise(name, record):
     config, privacy, metrics = record["config"], record["privacy"], record["metrics"]
     last = metrics[-1]
@@ -304,8 +309,8 @@ def summarise(name, record):
         "views": last["step"] * config["batch_size"] * config["num_views"],
         "views_per_sec": views / seconds if seconds else None,
         "test_accuracy": last["test_accuracy"],
-        "wall_minutes": last.get("wall_seconds", 0.0) / 60,
-        "curve": [(line.get("wall_seconds", 0.0) / 60, line["test_accuracy"]) for line in metrics],
+        "wall_minutes": _run_seconds(last) / 60,
+        "curve": [(_run_seconds(line) / 60, line["test_accuracy"]) for line in metrics],
     }
 
 

@@ -62,12 +62,17 @@ class Reporter:
         self.cfg, self.plan, self.journal, self.simulation = cfg, plan, journal, simulation
         self.sampling_method = sampling_method
         self.started = started
+        self.earlier_seconds = 0.0  # wall time of the run's earlier processes, up to the checkpoint resumed from
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         self.writer = tf.summary.create_file_writer(os.path.join(cfg.output_dir, "tensorboard"))
         self.progress = Progress(cfg.steps, plan.start)
 
     def close(self):
         self.writer.close()
+
+    def run_seconds(self):
+        """Wall time of the whole run so far: its earlier processes up to the checkpoint resumed from, plus this one."""
+        return self.earlier_seconds + time.monotonic() - self.started
 
     # ------------------------------------------------------------------------------------------ privacy
 
@@ -142,8 +147,10 @@ class Reporter:
             **({"simulated_epsilon": None if math.isinf(simulated) else simulated} if self.simulation else {}),
             "examples_per_sec": window.rate,
             "views_per_sec": window.rate * cfg.num_views,
-            # Wall time of this process (loading, compiling, training and evaluating), for time-to-accuracy.
+            # Wall time of this process (loading, compiling, training and evaluating), for time-to-accuracy, and of
+            # the whole run (equal unless it was resumed; the work lost after the last checkpoint is not counted).
             "wall_seconds": time.monotonic() - self.started,
+            "run_wall_seconds": self.run_seconds(),
         }
         try:
             with open(self.metrics_path, "a") as f:

@@ -109,8 +109,11 @@ class Trainer:
         self.grads_finite = self.step_fn.compiled_accumulated_finite()
         self.weights_finite = _all_finite(self.model.weights + self.ema_model.weights)
         self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        # Wall time the run had spent when the checkpoint was written, so that a resumed run reports the time of
+        # the whole run (checkpoints of earlier versions lack it: their runs count from the resume).
+        self.run_seconds_var = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="run_seconds")
         self.checkpoint = tf.train.Checkpoint(model=self.model, ema_model=self.ema_model, optimizer=self.optimizer,
-                                              step=self.step_var)
+                                              step=self.step_var, run_seconds=self.run_seconds_var)
 
     # ------------------------------------------------------------------------------------------ the run
 
@@ -138,6 +141,7 @@ class Trainer:
                 if int(self.step_var.numpy()) != plan.start:
                     raise JournalError(f"checkpoint {plan.checkpoint} holds step {int(self.step_var.numpy())}, "
                                        f"not {plan.start}")
+                self.reporter.earlier_seconds = float(self.run_seconds_var.numpy())
 
         self.dist.from_chief(restore_on_chief, "restoring the checkpoint")
         if plan.checkpoint:
@@ -261,6 +265,7 @@ class Trainer:
                                 f"writing them (the checkpoint of step {saved} is kept); lower --learning_rate")
         self.folder.journal.record_release(step, "checkpoint")
         self.step_var.assign(step)
+        self.run_seconds_var.assign(self.reporter.run_seconds())
         try:
             path = self.folder.store.save(step)
         except (OSError, tf.errors.OpError) as err:
