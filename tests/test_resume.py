@@ -187,7 +187,7 @@ def test_signal_checkpoints_and_exits_nonzero_then_resume_completes(reference, t
     # The run's wall time counts the first process up to its checkpoint; this process's alone does not.
     last = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
     assert last["run_wall_seconds"] > last["wall_seconds"] + 0.5
-    reference_last = [json.loads(line) for line in open(ref_out / "metrics.jsonl")][-1]
+    reference_last = [json.loads(line) for line in open(os.path.join(ref_out, "metrics.jsonl"))][-1]
     assert reference_last["run_wall_seconds"] == pytest.approx(reference_last["wall_seconds"], abs=1e-6)
 
 

@@ -142,9 +142,9 @@ def _kernel_grad_grouped(x, dz, k, s, padding, batch):
     return tf.transpose(grad, [3, 0, 1, 2, 4])
 
 
-# Output positions per view from which the grouped filter gradient is used. Measured on this 2-core CPU
-# (B = 96, fp32): at 32x32 it took 0.66-0.81x the time of the taps rule (48->48, 48->104 channels), at 16x16
-# 0.94x (104->104) to 1.4x (104->312), at 8x8 and below 2.8-3.8x.
+# Output positions per view from which the grouped filter gradient is used. Measured alone on a 2-core EPYC
+# (B = 96, fp32, time of grouped / taps): at 32x32 0.68-0.95 (3->48, 48->104, 3->19, 19->39, 16->64, 64->64 channels);
+# at 16x16 0.67 (39->39), 1.03 (104->104), 1.20 (128->128); at 8x8 and below 2.8-3.8 (measured with the CPU shared).
 _GROUPED_MIN_POSITIONS = 32 * 32
 
 

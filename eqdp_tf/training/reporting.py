@@ -136,6 +136,7 @@ class Reporter:
         """Appends the metrics of ``step`` (test results, and the training statistics in ``window``)."""
         cfg = self.cfg
         eps, simulated = self._epsilons(pending=False)
+        now = time.monotonic()
         record = {
             "step": step,
             "epoch": step * cfg.batch_size / self.plan.num_examples,
@@ -149,8 +150,8 @@ class Reporter:
             "views_per_sec": window.rate * cfg.num_views,
             # Wall time of this process (loading, compiling, training and evaluating), for time-to-accuracy, and of
             # the whole run (equal unless it was resumed; the work lost after the last checkpoint is not counted).
-            "wall_seconds": time.monotonic() - self.started,
-            "run_wall_seconds": self.run_seconds(),
+            "wall_seconds": now - self.started,
+            "run_wall_seconds": self.earlier_seconds + now - self.started,
         }
         try:
             with open(self.metrics_path, "a") as f:
