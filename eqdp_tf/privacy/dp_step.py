@@ -239,12 +239,8 @@ def per_example_gradients(model, loss_fn, views, labels, view_reduction="sum", m
     """
     if method not in PER_EXAMPLE_METHODS:
         raise ConfigError(f"per-example method must be one of {PER_EXAMPLE_METHODS}, got {method!r}")
-    if method == "auto":
-        method = "layerwise" if per_example.supports(model) else "vmap"
-    if method == "vmap":
+    if _resolve_method(model, method) == "vmap":
         return vmap_per_example_gradients(model, loss_fn, views, labels, view_reduction)
-    if not per_example.supports(model):
-        raise ConfigError("per-example method 'layerwise' needs a functional or Sequential Keras model")
     _check_view_reduction(view_reduction)
     views = _check_views(views)
     labels = tf.convert_to_tensor(labels)
@@ -252,6 +248,15 @@ def per_example_gradients(model, loss_fn, views, labels, view_reduction="sum", m
         model, _checked_loss_fn(loss_fn), views, labels, lambda l: _reduce_views(l, view_reduction)
     )
     return grads, losses, logits
+
+
+def _resolve_method(model, method):
+    """'layerwise' or 'vmap' for ``method`` ('auto' picks layerwise when the model allows it)."""
+    if method == "auto":
+        return "layerwise" if per_example.supports(model) else "vmap"
+    if method == "layerwise" and not per_example.supports(model):
+        raise ConfigError("per-example method 'layerwise' needs a functional or Sequential Keras model")
+    return method
 
 
 def _checked_loss_fn(loss_fn):
@@ -446,12 +451,8 @@ class DPStep:
 
     def _private_batch(self, views, labels, mask):
         clip = self._optimizer.l2_norm_clip
-        method = self._per_example_method
-        if method == "auto":
-            method = "layerwise" if per_example.supports(self._model) else "vmap"
+        method = _resolve_method(self._model, self._per_example_method)
         if method == "layerwise":
-            if not per_example.supports(self._model):
-                raise ConfigError("per-example method 'layerwise' needs a functional or Sequential Keras model")
             # Norms layer by layer, then one weighted sum: per-example gradients are held only where
             # that is the cheaper way to their norms.
             grad_sums, norms, losses, logits = clipped_sum.clipped_gradient_sum(
