@@ -163,6 +163,7 @@ def clipped_gradient_sum(model, loss_fn, views, labels, reduce_views, l2_norm_cl
     squared = []
     materialised = []  # (variable, [B, *shape]) kept until the clip factors are known
     ghosts = []  # (layer, x, dz) summed by one batched gradient afterwards
+    previous_layer = []  # the last materialised layer's squared norms
     for layer, x, dz in recorded:
         if dz is None:
             continue
@@ -171,9 +172,15 @@ def clipped_gradient_sum(model, loss_fn, views, labels, reduce_views, l2_norm_cl
             squared.append(tf.cast(_ghost_squared_norm(layer, x, dz, batch, static_views), tf.float32))
             ghosts.append((layer, x, dz))
             continue
-        for variable, grad in per_example.layer_rule(layer)(layer, x, dz, batch, num_views):
+        # One layer at a time: a group conv's per-example gradient of its *expanded* kernel is |G| times the size
+        # of the base-filter gradient kept afterwards; left to the scheduler, several layers' were alive at once.
+        with tf.control_dependencies(previous_layer):
+            layer_grads = per_example.layer_rule(layer)(layer, x, dz, batch, num_views)
+        previous_layer = []
+        for variable, grad in layer_grads:
             squared.append(tf.reduce_sum(tf.square(tf.cast(tf.reshape(grad, [batch, -1]), tf.float32)), axis=1))
             materialised.append((variable, grad))
+            previous_layer.append(squared[-1])
 
     norms = tf.sqrt(tf.add_n(squared)) if squared else tf.zeros([batch])
     clip = tf.cast(l2_norm_clip, tf.float32)
