@@ -6,10 +6,12 @@ memory, its own compiled functions), prints ``RESULT <json>`` as its last such l
 
 A failing, timed-out or memory-hungry child never raises in the parent: its result is a dict with
 ``status: error`` (or ``skipped``) and a one-line reason, so a grid goes on and the report shows the failure.
+Also the timing loop of the in-process profilers (`median_seconds`).
 """
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,3 +89,21 @@ def run_child(script, spec, timeout=None, memory_limit=None):
         return {"status": "error", "error": f"killed by signal {-proc.returncode}{hint}", "fatal": True}, wall
     tail = (stderr.strip().splitlines() or ["no output"])[-1]
     return {"status": "error", "error": f"exit {proc.returncode}: {tail[:300]}"}, wall
+
+
+def median_seconds(fn, warmup, steps):
+    """Median wall time of ``fn()`` (its tensors fetched) over ``steps`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        _fetch(fn())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        _fetch(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _fetch(outputs):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel  (the parent never imports TensorFlow)
+
+    tf.nest.map_structure(lambda t: t.numpy(), outputs)

@@ -16,9 +16,7 @@ The differences show what DP adds on top of the non-private step and where.
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,21 +24,11 @@ sys.path.insert(0, REPO_ROOT)
 
 import tensorflow as tf  # noqa: E402
 
+import harness  # noqa: E402  bench/harness.py: median_seconds
 from eqdp_tf.models import build_model  # noqa: E402
 from eqdp_tf.models.names import restricted_group  # noqa: E402
 from eqdp_tf.privacy import per_example  # noqa: E402
 from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer, DPStep  # noqa: E402
-
-
-def _median_seconds(fn, warmup, steps):
-    for _ in range(warmup):
-        tf.nest.map_structure(lambda t: t.numpy(), fn())
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        tf.nest.map_structure(lambda t: t.numpy(), fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _loss(labels, logits):
@@ -124,7 +112,7 @@ def main(argv=None):
     print("| piece | ms/step | us/view |")
     print("|---|---|---|")
     for name, fn in rows:
-        seconds = _median_seconds(fn, args.warmup, args.steps)
+        seconds = harness.median_seconds(fn, args.warmup, args.steps)
         print(f"| {name} | {1e3 * seconds:.0f} | {1e6 * seconds / batch:.0f} |", flush=True)
     return 0
 

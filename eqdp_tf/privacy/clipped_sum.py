@@ -21,7 +21,8 @@ output gradient dZ of every layer with weights), layer by layer, choosing per la
   (late, low-resolution layers; Dense), and nothing of size B x weights is ever held for those layers.
 
 Both give the same norms and the same sum to float rounding (tests/test_clipped_sum.py). The choice is made
-per layer from static shapes by `ghost_pays`, comparing multiply-adds.
+per layer from static shapes by `ghost_pays`: the Gram matrices' multiply-adds against what materialising
+costs beyond the same weight-gradient multiply-adds (moving B x p entries).
 """
 
 import tensorflow as tf
@@ -54,26 +55,40 @@ def ghost_allowed(layer, x, dz, num_views):
     return per_example.is_dense(layer) and x.shape.rank == 2 and None not in (x.shape[-1], dz.shape[-1])
 
 
-def ghost_pays(layer, x, dz, num_views):
-    """True when the ghost norm of ``layer``'s weight gradient costs fewer multiply-adds than forming it.
+# Both routes do the weight gradient's multiply-adds once: the materialise route as B small products, the ghost
+# route as one batched product. What differs is what each adds: the ghost route its Gram matrices; the materialise
+# route B x p per-example gradient entries, written and then read twice (norms, weighted sum), at memory speed and
+# from products too small to run near peak. This is the price of one entry in multiply-adds: ghost where the Gram
+# matrices cost fewer multiply-adds than GHOST_MACS_PER_WEIGHT per weight. Round 2's whole-step measurements bound
+# it: ghost paid on the C1 ResNet-9's 8x8 and 4x4 layers (gram/p 2-21), and WRN-16-4 with its 16x16 layers on ghost
+# (gram/p 152) was 4% slower than materialising. `bench/ghost_crossover.py` times both routes per layer.
+GHOST_MACS_PER_WEIGHT = 64
 
-    Per example: ghost = (rows of the padded input)^2 * C_in for the input Gram + k*k * T^2 to sum its shifted
-    blocks + T^2 * C_out for the output Gram; materialise = T * k*k * C_in * C_out (T = K views x output
-    positions; Dense: k = 1, T = K).
+
+def ghost_gram_macs(layer, x, dz, num_views):
+    """Multiply-adds per example of ``layer``'s two Gram matrices (`ghost_allowed` layers).
+
+    Conv: (rows of the padded input)^2 * C_in for the input Gram + k*k * T^2 to sum its shifted blocks + T^2 * C_out
+    for the output Gram (T = K views x output positions); Dense: K^2 * (C_in + C_out).
     """
-    if not ghost_allowed(layer, x, dz, num_views):
-        return False
     if per_example.is_dense(layer):
-        c_in, c_out, rows = x.shape[-1], dz.shape[-1], num_views
-        return rows * rows * (c_in + c_out) < rows * c_in * c_out
+        return num_views * num_views * (x.shape[-1] + dz.shape[-1])
     height, width, c_in, out_h, out_w, c_out = _static_dims(x, dz)
     k, s, padding = per_example.conv_geometry(layer)
     top, bottom, _ = per_example.padding_amounts(height, k, s, padding)
     left, right, _ = per_example.padding_amounts(width, k, s, padding)
     input_rows = num_views * (height + top + bottom) * (width + left + right)
     rows = num_views * out_h * out_w
-    ghost = input_rows**2 * c_in + k * k * rows**2 + rows**2 * c_out
-    return ghost < rows * k * k * c_in * c_out
+    return input_rows**2 * c_in + k * k * rows**2 + rows**2 * c_out
+
+
+def ghost_pays(layer, x, dz, num_views):
+    """True when ``layer``'s ghost route should be faster than materialising its per-example gradients: its Gram
+    matrices cost fewer than GHOST_MACS_PER_WEIGHT multiply-adds per weight of the layer."""
+    if not ghost_allowed(layer, x, dz, num_views):
+        return False
+    weights = sum(int(v.shape.num_elements()) for v in layer.trainable_variables)
+    return ghost_gram_macs(layer, x, dz, num_views) < GHOST_MACS_PER_WEIGHT * weights
 
 
 def _conv_patch_gram(x, k, s, padding, batch, num_views):
@@ -133,6 +148,30 @@ def _ghost_weighted_sum(layer, x, dz, row_weights):
         [] if bias is None else [(bias, tf.reshape(bias_grad, tf.shape(bias)))])
 
 
+def materialise_route(layer, x, dz, batch, num_views):
+    """([B] squared norms, weights -> [(variable, sum_i weights_i g_i)]) of ``layer`` by forming its per-example
+    gradients g_i (`per_example.layer_rule`), which are kept until the weights are known."""
+    grads = per_example.layer_rule(layer)(layer, x, dz, batch, num_views)
+    squared = tf.add_n([tf.reduce_sum(tf.square(tf.cast(tf.reshape(g, [batch, -1]), tf.float32)), axis=1)
+                        for _, g in grads])
+
+    def weighted_sum(weights):
+        return [(variable, tf.tensordot(tf.cast(weights, g.dtype), g, axes=1)) for variable, g in grads]
+
+    return squared, weighted_sum
+
+
+def ghost_route(layer, x, dz, batch, num_views):
+    """([B] squared norms, weights -> [(variable, sum_i weights_i g_i)]) of ``layer`` by Gram matrices and one
+    batched weight gradient; ``num_views`` must be the static view count (`ghost_allowed`)."""
+    squared = _ghost_squared_norm(layer, x, dz, batch, num_views)
+
+    def weighted_sum(weights):
+        return _ghost_weighted_sum(layer, x, dz, tf.cast(tf.repeat(weights, num_views), dz.dtype))
+
+    return squared, weighted_sum
+
+
 def clipped_gradient_sum(model, loss_fn, views, labels, reduce_views, l2_norm_clip, mask, norm_method="auto"):
     """Masked sum of the clipped per-example gradients of ``model`` (see module doc).
 
@@ -161,43 +200,32 @@ def clipped_gradient_sum(model, loss_fn, views, labels, reduce_views, l2_norm_cl
     recorded, flat_logits, losses = per_example.layer_output_gradients(model, flat_views, loss_of)
 
     squared = []
-    materialised = []  # (variable, [B, *shape]) kept until the clip factors are known
-    ghosts = []  # (layer, x, dz) summed by one batched gradient afterwards
-    previous_layer = []  # the last materialised layer's squared norms
+    weighted_sums = []  # per layer: clip factors [B] -> [(variable, masked clipped sum)]
+    previous_layer = []
     for layer, x, dz in recorded:
         if dz is None:
             continue
         x = tf.cast(x, dz.dtype)
-        if _use_ghost(norm_method, layer, x, dz, static_views):
-            squared.append(tf.cast(_ghost_squared_norm(layer, x, dz, batch, static_views), tf.float32))
-            ghosts.append((layer, x, dz))
-            continue
         # One layer at a time: a group conv's per-example gradient of its *expanded* kernel is |G| times the size
         # of the base-filter gradient kept afterwards; left to the scheduler, several layers' were alive at once.
         with tf.control_dependencies(previous_layer):
-            layer_grads = per_example.layer_rule(layer)(layer, x, dz, batch, num_views)
-        previous_layer = []
-        for variable, grad in layer_grads:
-            squared.append(tf.reduce_sum(tf.square(tf.cast(tf.reshape(grad, [batch, -1]), tf.float32)), axis=1))
-            materialised.append((variable, grad))
-            previous_layer.append(squared[-1])
+            if _use_ghost(norm_method, layer, x, dz, static_views):
+                layer_squared, weighted_sum = ghost_route(layer, x, dz, batch, static_views)
+            else:
+                layer_squared, weighted_sum = materialise_route(layer, x, dz, batch, num_views)
+        squared.append(tf.cast(layer_squared, tf.float32))
+        weighted_sums.append(weighted_sum)
+        previous_layer = [squared[-1]]
 
     norms = tf.sqrt(tf.add_n(squared)) if squared else tf.zeros([batch])
     clip = tf.cast(l2_norm_clip, tf.float32)
     weights = tf.cast(mask, tf.float32) * clip / tf.maximum(norms, clip)  # c_i m_i
 
     sums = {}
-
-    def add(variable, value):
-        key = variable.ref()
-        sums[key] = value if key not in sums else sums[key] + value
-
-    for variable, grad in materialised:
-        add(variable, tf.tensordot(tf.cast(weights, grad.dtype), grad, axes=1))
-    for layer, x, dz in ghosts:
-        row_weights = tf.cast(tf.repeat(weights, num_views), dz.dtype)
-        for variable, value in _ghost_weighted_sum(layer, x, dz, row_weights):
-            add(variable, value)
+    for weighted_sum in weighted_sums:
+        for variable, value in weighted_sum(weights):
+            key = variable.ref()
+            sums[key] = value if key not in sums else sums[key] + value
     grads = []
     for variable in model.trainable_variables:
         value = sums.get(variable.ref())
