@@ -456,6 +456,8 @@ SHARED_CPU = {
                             "understate its speed alone)",
     "tan_eq_d4d2_eps8": "shared the two cores with about 4 minutes of micro-benchmarks near its start and with "
                         "low-priority (nice 19) test runs later (views/s and wall time understate its speed alone)",
+    "tan_eq_d4d2_eps2": "shared the two cores with about 12 minutes of memory measurements and tests in its first "
+                        "40 minutes (views/s and wall time understate its speed alone)",
 }
 PAPER_STEPS = 2160
 

@@ -73,6 +73,9 @@ def test_ghost_pays_where_rows_are_few_and_weights_many():
 
     assert decide(tf.keras.layers.Conv2D(256, 3, padding="same"), 8, 256)  # WRN's last stage: 64 rows, 590k weights
     assert not decide(tf.keras.layers.Conv2D(64, 3, padding="same"), 32, 64)  # 1024 rows, 37k weights
+    # WRN's middle stage: its Grams cost ~150 multiply-adds per weight, more than moving the per-example gradient
+    assert not decide(tf.keras.layers.Conv2D(128, 3, padding="same"), 16, 128)
+    assert decide(tf.keras.layers.Conv2D(256, 3, strides=2, padding="same"), 16, 128)  # into the last stage: ~40
     assert not decide(tf.keras.layers.Conv2D(256, 3, padding="same"), 8, 256, views=16)  # K views multiply the rows
     from layers import GroupConv2D
 
