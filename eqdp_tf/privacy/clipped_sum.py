@@ -61,7 +61,7 @@ def ghost_allowed(layer, x, dz, num_views):
 # from products too small to run near peak. This is the price of one entry in multiply-adds: ghost where the Gram
 # matrices cost fewer multiply-adds than GHOST_MACS_PER_WEIGHT per weight. Round 2's whole-step measurements bound
 # it: ghost paid on the C1 ResNet-9's 8x8 and 4x4 layers (gram/p 2-21), and WRN-16-4 with its 16x16 layers on ghost
-# (gram/p 152) was 4% slower than materialising. `bench/ghost_crossover.py` times both routes per layer.
+# (gram/p 152) was 4% slower than materialising. `bench/layer_routes.py` times both routes per layer.
 GHOST_MACS_PER_WEIGHT = 64
 
 
