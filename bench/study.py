@@ -537,6 +537,9 @@ def tan_findings(rows):
             word = "beat" if eq > cnn else "lost to"
             comparisons.append(f"at simulated ε = {eps} the equivariant model {word} the ordinary CNN, "
                                f"{eq:.1f}% against {cnn:.1f}% ({eq - cnn:+.1f} points)")
+        elif eq is not None or cnn is not None:
+            only, value = ("equivariant model", eq) if eq is not None else ("ordinary CNN", cnn)
+            comparisons.append(f"at simulated ε = {eps} only the {only} has run so far ({value:.1f}%)")
     if comparisons:
         parts.append("**Equivariant vs ordinary, in the paper's regime** (2160 steps at the paper's σ/B): "
                      + "; ".join(comparisons) + ".")

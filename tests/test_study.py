@@ -90,9 +90,11 @@ def test_paper_regime_findings_follow_the_records(study):
         "tan_cnn_c1_eps8_b512": _tan_record("c", batch=512, accuracy=0.605),
         "tan_eq_d4d2_eps8": _tan_record("d", model="eq_d4d2", accuracy=0.64),
         "tan_eq_d4d2_sigma0": _tan_record("e", model="eq_d4d2", epsilon=None, accuracy=0.70),
+        "tan_eq_d4d2_eps2": _tan_record("f", model="eq_d4d2", epsilon=2, accuracy=0.58),
     }
     rows = sorted((study.summarise_tan(n, r) for n, r in records.items()), key=study.tan_row_order)
     text = study.tan_findings(rows)
+    assert "at simulated ε = 2 only the equivariant model has run so far (58.0%)" in text  # no pair, no verdict
     assert "the three agree within 1.5 points" in text
     assert "at simulated ε = 8 the equivariant model beat the ordinary CNN, 64.0% against 60.0% (+4.0 points)" \
         in text
