@@ -59,9 +59,9 @@ def ghost_allowed(layer, x, dz, num_views):
 # route as one batched product. What differs is what each adds: the ghost route its Gram matrices; the materialise
 # route B x p per-example gradient entries, written and then read twice (norms, weighted sum), at memory speed and
 # from products too small to run near peak. This is the price of one entry in multiply-adds: ghost where the Gram
-# matrices cost fewer multiply-adds than GHOST_MACS_PER_WEIGHT per weight. Round 2's whole-step measurements bound
-# it: ghost paid on the C1 ResNet-9's 8x8 and 4x4 layers (gram/p 2-21), and WRN-16-4 with its 16x16 layers on ghost
-# (gram/p 152) was 4% slower than materialising. `bench/layer_routes.py` times both routes per layer.
+# matrices cost fewer multiply-adds than GHOST_MACS_PER_WEIGHT per weight. Measured per layer with
+# `bench/layer_routes.py` (B = 128, quiet 2-core EPYC, 2026-12-01): ghost / materialise time was 0.27-0.65 at
+# gram/p 2-21, 0.81 at 40, 1.41-1.53 at 152, 2.1 at 288 and 3.5-200 above: the two cross between 40 and 152.
 GHOST_MACS_PER_WEIGHT = 64
 
 
