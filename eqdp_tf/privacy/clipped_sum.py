@@ -60,8 +60,9 @@ def ghost_allowed(layer, x, dz, num_views):
 # route B x p per-example gradient entries, written and then read twice (norms, weighted sum), at memory speed and
 # from products too small to run near peak. This is the price of one entry in multiply-adds: ghost where the Gram
 # matrices cost fewer multiply-adds than GHOST_MACS_PER_WEIGHT per weight. Measured per layer with
-# `bench/layer_routes.py` (B = 128, quiet 2-core EPYC; docs/benchmarks/layer_routes_2026-12-01.md): ghost / materialise time was 0.27-0.65 at
-# gram/p 2-21, 0.81 at 40, 1.41-1.53 at 152, 2.1 at 288 and 3.5-200 above: the two cross between 40 and 152.
+# `bench/layer_routes.py` (B = 128, quiet 2-core EPYC; docs/benchmarks/layer_routes_2026-12-01.md): ghost /
+# materialise time was 0.27-0.65 at gram/p 2-21, 0.81 at 40, 1.41-1.53 at 152, 2.1 at 288 and 3.5-200 above: the
+# two cross between 40 and 152.
 GHOST_MACS_PER_WEIGHT = 64
 
 
