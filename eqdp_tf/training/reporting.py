@@ -70,9 +70,10 @@ class Reporter:
     def close(self):
         self.writer.close()
 
-    def run_seconds(self):
-        """Wall time of the whole run so far: its earlier processes up to the checkpoint resumed from, plus this one."""
-        return self.earlier_seconds + time.monotonic() - self.started
+    def run_seconds(self, now=None):
+        """Wall time of the whole run at ``now`` (default: now): its earlier processes up to the checkpoint resumed
+        from, plus this one."""
+        return self.earlier_seconds + (time.monotonic() if now is None else now) - self.started
 
     # ------------------------------------------------------------------------------------------ privacy
 
@@ -151,7 +152,7 @@ class Reporter:
             # Wall time of this process (loading, compiling, training and evaluating), for time-to-accuracy, and of
             # the whole run (equal unless it was resumed; the work lost after the last checkpoint is not counted).
             "wall_seconds": now - self.started,
-            "run_wall_seconds": self.earlier_seconds + now - self.started,
+            "run_wall_seconds": self.run_seconds(now),
         }
         try:
             with open(self.metrics_path, "a") as f:
