@@ -102,3 +102,18 @@ def test_conv_rule_by_taps_matches_patches_and_autodiff(size, kernel, stride, pa
             inner = tf.reduce_sum(layer(x[rows]) * dz[rows])
         expected = tape.gradient(inner, layer.kernel)
         np.testing.assert_allclose(by_taps[example].numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_filter_gradients_are_not_used_under_xla():
+    # XLA compiles the grouped form on a CPU into a naive loop (~100x slower than the taps rule).
+    x = tf.zeros([2, 32, 32, 3])
+    dz = tf.zeros([2, 32, 32, 8])
+    chosen = {}
+    for jit in (False, True):
+        def trace(x, dz, jit=jit):
+            chosen[jit] = per_example._grouped_pays(x, dz)
+            return tf.constant(0.0)
+
+        tf.function(trace, jit_compile=jit)(x, dz)
+    assert chosen[True] is False
+    assert chosen[False] is per_example._grouped_filter_gradients_supported()

@@ -161,9 +161,23 @@ def _grouped_filter_gradients_supported():
     return onednn and not tf.config.list_logical_devices("GPU")
 
 
+def _tracing_for_xla():
+    """True while tracing a function that XLA will compile (`tf.function(jit_compile=True)`).
+
+    XLA compiles a grouped filter gradient on a CPU into a naive loop: 3.7 s against 0.04 s for the taps rule at
+    B = 32 on a 32x32x48 conv (2-core EPYC), so under XLA the taps rule is kept.
+    """
+    try:
+        from tensorflow.python.ops import control_flow_util  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
 def _grouped_pays(x, dz):
     static = all(d is not None for d in list(x.shape[1:]) + list(dz.shape[1:]))
-    return static and dz.shape[1] * dz.shape[2] >= _GROUPED_MIN_POSITIONS and _grouped_filter_gradients_supported()
+    return (static and dz.shape[1] * dz.shape[2] >= _GROUPED_MIN_POSITIONS and _grouped_filter_gradients_supported()
+            and not _tracing_for_xla())
 
 
 def conv_weight_gradients(layer, x, dz, batch):
