@@ -291,11 +291,15 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "calibration": calib, "pipeline": pipeline, "cells": results,
-                       "started": started, "wall_s": wall_s,
+                       "started": started, "wall_s": wall_s, "command": _command_line(argv),
                        "args": {k: v for k, v in vars(args).items() if k not in ("child", "report_from")}}, f,
                       indent=1)
-    _emit(args, render(args, machine, calib, pipeline, results, started, wall_s))
+    _emit(args, render(args, machine, calib, pipeline, results, started, wall_s, _command_line(argv)))
     return 0
+
+
+def _command_line(argv):
+    return " ".join(["python", "bench/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _emit(args, report):
@@ -314,7 +318,8 @@ def _report_from(args):
         sys.exit(f"error: {args.report_from} has no 'started'/'wall_s' (written by an older version); rerun the grid")
     measured = argparse.Namespace(**{**saved["args"], "write": args.write, "out": args.out})
     _emit(args, render(measured, saved["machine"], saved["calibration"], saved["pipeline"], saved["cells"],
-                       saved["started"], saved["wall_s"]))
+                       saved["started"], saved["wall_s"], saved.get("command"),
+                       rebuilt_by=f"python bench/benchmark.py --report-from {args.report_from}"))
     return 0
 
 
