@@ -458,6 +458,10 @@ SHARED_CPU = {
                         "low-priority (nice 19) test runs later (views/s and wall time understate its speed alone)",
     "tan_eq_d4d2_eps2": "shared the two cores with about 12 minutes of memory measurements and tests in its first "
                         "40 minutes (views/s and wall time understate its speed alone)",
+    "tan_cnn_c1_eps2": "shared the two cores with about 20 seconds of tests and a benchmark report rebuild in its "
+                       "first 2 minutes (views/s and wall time understate its speed alone, slightly)",
+    "tan_cnn_c1_sigma0": "shared the two cores with about 5 seconds of tests in its first 3 minutes (views/s and "
+                         "wall time understate its speed alone, slightly)",
 }
 PAPER_STEPS = 2160
 
@@ -541,8 +545,13 @@ def tan_findings(rows):
             only, value = ("equivariant model", eq) if eq is not None else ("ordinary CNN", cnn)
             comparisons.append(f"at simulated ε = {eps} only the {only} has run so far ({value:.1f}%)")
     if comparisons:
+        # One seed per run: the scaling check's runs should agree, so their spread is the one measure of chance here.
+        chance = ("" if len(scaling) < 2 else
+                  f" Each accuracy is one run with one seed; the scaling check's runs, which TAN says should agree, "
+                  f"spread over {max(a for _, a in scaling) - min(a for _, a in scaling):.1f} points, a rough guide "
+                  "to what chance alone moves.")
         parts.append("**Equivariant vs ordinary, in the paper's regime** (2160 steps at the paper's σ/B): "
-                     + "; ".join(comparisons) + ".")
+                     + "; ".join(comparisons) + "." + chance)
     wrn = acc.get(("wrn16_4", 8, TAN_BATCH))
     if wrn is not None:
         others = [f"{MODEL_LABELS[m]} {acc[(m, 8, TAN_BATCH)]:.1f}%" for m in ("eq_d4d2", "cnn_c1")

@@ -96,6 +96,8 @@ def test_paper_regime_findings_follow_the_records(study):
     text = study.tan_findings(rows)
     assert "at simulated ε = 2 only the equivariant model has run so far (58.0%)" in text  # no pair, no verdict
     assert "the three agree within 1.5 points" in text
+    assert "one run with one seed; the scaling check's runs, which TAN says should agree, spread over 1.0 points" \
+        in text  # 59.5 / 60.0 / 60.5
     assert "at simulated ε = 8 the equivariant model beat the ordinary CNN, 64.0% against 60.0% (+4.0 points)" \
         in text
     assert "70.0% without noise against 64.0% at ε = 8 (6.0 points)" in text
