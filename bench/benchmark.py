@@ -288,13 +288,14 @@ def main(argv=None):
     results = run_grid(args, cells, log)
     machine["load_end"] = os.getloadavg()[0]
     wall_s = time.perf_counter() - run_start
+    command = _command_line(argv)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "calibration": calib, "pipeline": pipeline, "cells": results,
-                       "started": started, "wall_s": wall_s, "command": _command_line(argv),
+                       "started": started, "wall_s": wall_s, "command": command,
                        "args": {k: v for k, v in vars(args).items() if k not in ("child", "report_from")}}, f,
                       indent=1)
-    _emit(args, render(args, machine, calib, pipeline, results, started, wall_s, _command_line(argv)))
+    _emit(args, render(args, machine, calib, pipeline, results, started, wall_s, command))
     return 0
 
 

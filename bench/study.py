@@ -522,8 +522,8 @@ def tan_findings(rows):
     acc = {key: 100 * r["test_accuracy"] for key, r in runs.items()}
     parts = []
     scaling = [(b, acc[("cnn_c1", 8, b)]) for b in (128, 256, 512) if ("cnn_c1", 8, b) in acc]
+    spread = max(a for _, a in scaling) - min(a for _, a in scaling) if len(scaling) >= 2 else None
     if len(scaling) == 3:
-        spread = max(a for _, a in scaling) - min(a for _, a in scaling)
         listed = ", ".join(f"{a:.1f}% at B = {b}" for b, a in scaling)
         verdict = ("agree within 1.5 points, so the simulation holds here and the study uses B = 256"
                    if spread <= 1.5 else
@@ -546,10 +546,9 @@ def tan_findings(rows):
             comparisons.append(f"at simulated ε = {eps} only the {only} has run so far ({value:.1f}%)")
     if comparisons:
         # One seed per run: the scaling check's runs should agree, so their spread is the one measure of chance here.
-        chance = ("" if len(scaling) < 2 else
+        chance = ("" if spread is None else
                   f" Each accuracy is one run with one seed; the scaling check's runs, which TAN says should agree, "
-                  f"spread over {max(a for _, a in scaling) - min(a for _, a in scaling):.1f} points, a rough guide "
-                  "to what chance alone moves.")
+                  f"spread over {spread:.1f} points, a rough guide to what chance alone moves.")
         parts.append("**Equivariant vs ordinary, in the paper's regime** (2160 steps at the paper's σ/B): "
                      + "; ".join(comparisons) + "." + chance)
     wrn = acc.get(("wrn16_4", 8, TAN_BATCH))
