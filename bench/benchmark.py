@@ -9,7 +9,7 @@
     python bench/benchmark.py --report-from grid.json    # rebuild the report without measuring
 
 Parts: this file is the command line and the grid; ``benchmark_cells.py`` the measurements (each in a child
-process, through ``harness.py``); ``benchmark_report.py`` the report.
+process, through ``harness.py``); ``benchmark_report.py`` the report; ``machine.py`` what it ran on.
 
 One cell = (model, mode, precision, XLA, physical batch B). Modes:
 
@@ -71,7 +71,8 @@ import time
 import harness  # bench/harness.py: the child-process protocol shared by the bench scripts
 from benchmark_cells import (BF16_MODES, CHILDREN, CIFAR_DIR, DEFAULT_BATCHES, DEFAULT_MODES, MODELS, MODES,
                              PRECISIONS, REPO_ROOT, XLA_CHOICES, series_key)
-from benchmark_report import cell_text, machine_info, render
+from benchmark_report import cell_text, render
+from machine import machine_info
 
 
 # --------------------------------------------------------------------------------------------

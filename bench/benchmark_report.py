@@ -1,10 +1,8 @@
 """The report of ``benchmark.py``: BENCHMARKS.md from the measured cells (also rebuildable from saved JSON)."""
 
 import os
-import platform
-import subprocess
 
-from benchmark_cells import MODEL_LABELS, MODELS, REPO_ROOT, series_key
+from benchmark_cells import MODEL_LABELS, MODELS, series_key
 
 # Targets of issue 7: reported, never asserted.
 # Issue 14's targets: DP step cost per view over non-private, per model, at every batch >= 64.
@@ -33,38 +31,6 @@ def cell_text(result, budget):
 
 # --------------------------------------------------------------------------------------------
 # Report
-
-
-def machine_info():
-    info = {"cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
-    cpu = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                cpu.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    info["cpu"] = cpu.get("model name", platform.processor() or "unknown")
-    if "cpu family" in cpu:
-        info["cpu"] += f" (family {cpu['cpu family']}, model {cpu.get('model', '?')})"
-    flags = set(cpu.get("flags", "").split())
-    info["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags)
-    try:
-        with open("/proc/meminfo") as f:
-            total_kib = int(f.readline().split()[1])
-        info["memory_gb"] = total_kib * 1024 / 1e9
-    except (OSError, ValueError, IndexError):
-        info["memory_gb"] = None
-    try:
-        info["git"] = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"],
-                                     capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        info["git"] += " (with uncommitted changes)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        info["git"] = "unknown"
-    return info
 
 
 def _fmt_table(header, rows):
