@@ -21,11 +21,16 @@ RECORD_FILES = ("config.json", "privacy.json", "metrics.jsonl")
 MACHINE_FILE = "machine.jsonl"
 
 
+def machine_note_path(output_dir):
+    # Beside the run folder, not in it: train.py starts only in an empty folder or one holding its own run.
+    return os.path.normpath(output_dir) + "." + MACHINE_FILE
+
+
 def note_machine(output_dir, started=None):
-    """Appends this machine (and the project commit) to the run's machine.jsonl before it trains or resumes."""
-    os.makedirs(output_dir, exist_ok=True)
+    """Appends this machine (and the project commit) to the run's machine note before it trains or resumes."""
+    os.makedirs(os.path.dirname(machine_note_path(output_dir)), exist_ok=True)
     line = {"started": started or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **machine_info()}
-    with open(os.path.join(output_dir, MACHINE_FILE), "a") as f:
+    with open(machine_note_path(output_dir), "a") as f:
         f.write(json.dumps(line) + "\n")
 
 
@@ -33,9 +38,10 @@ def keep_records(name, output_dir):
     """Copies the small, committed record of a finished run into docs/study/runs/ or .../paper_regime/runs/."""
     target = os.path.join(TAN_RECORDS_DIR if name.startswith("tan_") else RECORDS_DIR, name)
     os.makedirs(target, exist_ok=True)
-    for filename in RECORD_FILES + (MACHINE_FILE,):
-        if filename in RECORD_FILES or os.path.isfile(os.path.join(output_dir, filename)):
-            shutil.copyfile(os.path.join(output_dir, filename), os.path.join(target, filename))
+    for filename in RECORD_FILES:
+        shutil.copyfile(os.path.join(output_dir, filename), os.path.join(target, filename))
+    if os.path.isfile(machine_note_path(output_dir)):
+        shutil.copyfile(machine_note_path(output_dir), os.path.join(target, MACHINE_FILE))
 
 
 def load_records(records_dir=RECORDS_DIR):
