@@ -32,7 +32,6 @@ command, and rewrites each study's ``RESULTS.md``, its plots and its README bloc
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -40,7 +39,8 @@ import time
 
 # bench/ is on the path when this runs as a script; the study's parts sit beside it.
 from study_plan import BATCHES, TAN_BATCHES, TAN_ORDER, batch_runs, run_flags
-from study_records import DEFAULT_DATA_DIR, REPO_ROOT, TAN_RECORDS_DIR, keep_records, load_records, note_machine
+from study_records import (DEFAULT_DATA_DIR, REPO_ROOT, TAN_RECORDS_DIR, keep_records, load_records, note_machine,
+                           read_jsonl)
 from study_report import report_first_study
 from study_tan_report import report_paper_regime
 
@@ -49,8 +49,7 @@ def _finished(output_dir, steps):
     path = os.path.join(output_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return False
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
+    lines = read_jsonl(path)
     return bool(lines) and lines[-1]["step"] >= steps
 
 

@@ -26,10 +26,15 @@ def machine_note_path(output_dir):
     return os.path.normpath(output_dir) + "." + MACHINE_FILE
 
 
-def note_machine(output_dir, started=None):
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def note_machine(output_dir):
     """Appends this machine (and the project commit) to the run's machine note before it trains or resumes."""
     os.makedirs(os.path.dirname(machine_note_path(output_dir)), exist_ok=True)
-    line = {"started": started or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **machine_info()}
+    line = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **machine_info()}
     with open(machine_note_path(output_dir), "a") as f:
         f.write(json.dumps(line) + "\n")
 
@@ -56,12 +61,9 @@ def load_records(records_dir=RECORDS_DIR):
             config = json.load(f)
         with open(os.path.join(folder, "privacy.json")) as f:
             privacy = json.load(f)
-        with open(os.path.join(folder, "metrics.jsonl")) as f:
-            metrics = [json.loads(line) for line in f if line.strip()]
-        machines = []
-        if os.path.isfile(os.path.join(folder, MACHINE_FILE)):
-            with open(os.path.join(folder, MACHINE_FILE)) as f:
-                machines = [json.loads(line) for line in f if line.strip()]
+        metrics = read_jsonl(os.path.join(folder, "metrics.jsonl"))
+        machine_path = os.path.join(folder, MACHINE_FILE)
+        machines = read_jsonl(machine_path) if os.path.isfile(machine_path) else []
         records[name] = {"config": config, "privacy": privacy, "metrics": metrics, "machines": machines}
     return records
 

@@ -30,15 +30,13 @@ SHARED_CPU = {
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
-MACHINE_FROM_SESSION_LOG = {
-    name: "AMD EPYC, 2 cores (from the session log)"
-    for name in ("tan_cnn_c1_eps2", "tan_cnn_c1_sigma0", "tan_cnn_c1_eps1")
-}
+MACHINE_FROM_SESSION_LOG = {name: "AMD EPYC, 2 cores" for name in ("tan_cnn_c1_eps2", "tan_cnn_c1_sigma0",
+                                                                   "tan_cnn_c1_eps1")}
 PAPER_STEPS = 2160
 
 
 def machine_label(name, machines):
-    """A short CPU name for the table: what the run's machine.jsonl says, else the session log, else nothing."""
+    """A short CPU name: what the run's machine.jsonl says, else the session log's, else "not recorded"."""
     if not machines:
         return MACHINE_FROM_SESSION_LOG.get(name, "not recorded")
     labels = []
@@ -69,7 +67,8 @@ def summarise_tan(name, record):
         "step_curve": [(line["step"], line["test_accuracy"]) for line in metrics],
         "num_views": int(config["num_views"]),
         "finished": metrics[-1]["step"] >= int(config["steps"]),
-        "machine": machine_label(name, record.get("machines", [])),
+        "cpu": machine_label(name, record.get("machines", [])),
+        "cpu_from_log": not record.get("machines") and name in MACHINE_FROM_SESSION_LOG,
     })
     return row
 
@@ -95,9 +94,10 @@ def _tan_table(rows):
         rate = "–" if r["views_per_sec"] is None else f"{r['views_per_sec']:.0f}"
         mark = " †" if r["name"] in SHARED_CPU else ""
         budget = f"{r['steps']} × {r['batch']}" + (f" × {r['num_views']}" if r["num_views"] > 1 else "")
+        cpu = r["cpu"] + (" (from the session log)" if r["cpu_from_log"] else "")
         lines.append(f"| {r['name']} | {MODEL_LABELS[r['model']]} | {r['parameters']:,} | "
                      f"{_fmt_eps(r['simulated_epsilon'])} | {_fmt_eps(r['own_epsilon'], 0)} | {sigma} | "
-                     f"{budget} | {rate}{mark} | {r['wall_minutes']:.0f} min{mark} | {r['machine']} | "
+                     f"{budget} | {rate}{mark} | {r['wall_minutes']:.0f} min{mark} | {cpu} | "
                      f"{100 * r['test_accuracy']:.1f}% |")
     return "\n".join(lines)
 
@@ -200,8 +200,8 @@ def tan_findings(rows):
                      + ", ".join(f"`{m}`" for m in missing) + ".")
     if optional:
         parts.append("Optional, if the budget allows, not run yet: " + ", ".join(f"`{m}`" for m in optional) + ".")
-    known = {r["machine"].split(" (from")[0] for r in rows if r["machine"] != "not recorded"}
-    unrecorded = sum(r["machine"] == "not recorded" for r in rows)
+    known = {r["cpu"] for r in rows if r["cpu"] != "not recorded"}
+    unrecorded = sum(r["cpu"] == "not recorded" for r in rows)
     if len(known) + bool(unrecorded) > 1:
         not_noted = ("" if not unrecorded else ", and 1 run did not record its" if unrecorded == 1 else
                      f", and {unrecorded} runs did not record theirs")
