@@ -227,10 +227,10 @@ def test_optional_c4_run_is_reported_apart_from_the_required_ones(study_plan, st
     assert (flags["group"], flags["restrict"], flags["num_views"]) == ("C4", "none", "1")
     records = {"tan_cnn_c1_eps8": _tan_record("a", accuracy=0.60)}
     text = study_tan_report.tan_findings([study_tan_report.summarise_tan(n, r) for n, r in records.items()])
-    assert ("Optional, if the budget allows, not run yet: `tan_eq_c4_eps8`, `tan_cnn_c1_eps8_b64`, "
-            "`tan_eq_d4d2_k4_eps8_b64`.") in text
+    assert ("Optional, if the budget allows, not run yet: `tan_wrn16_4_eps8`, `tan_eq_c4_eps8`, "
+            "`tan_cnn_c1_eps8_b64`, `tan_eq_d4d2_k4_eps8_b64`.") in text
     not_run = next(p for p in text.split("\n\n") if p.startswith("Not run yet"))
-    assert "tan_eq_c4_eps8" not in not_run and "`tan_wrn16_4_eps8`" in not_run
+    assert "tan_eq_c4_eps8" not in not_run and "`tan_wrn16_4_eps8_b64`" in not_run
 
     c4 = _tan_record("c", model="eq_c4", accuracy=0.65)
     c4["config"].update(group="C4", restrict="none")
