@@ -27,6 +27,10 @@ SHARED_CPU = {
     "tan_eq_d4d2_eps1": "shared the two cores with about 20 CPU-seconds of a report check and low-priority (nice 19) "
                         "study tests in its first 12 minutes (views/s and wall time understate its speed alone, "
                         "slightly)",
+    "tan_eq_d4d2_sigma0": "shared the two cores with a full fresh-clone CI run (27 minutes, from its 9th to its 36th "
+                          "minute; about 37 views/s then against 59 alone) and about a minute of low-priority "
+                          "(nice 19) study tests and report rebuilds before that (views/s and wall time understate "
+                          "its speed alone)",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
