@@ -116,16 +116,21 @@ def _by_key(rows):
     return keys
 
 
+def _preferred_batch(batches):
+    """The batch that stands for a model's run where it ran at several: B = 256, else the largest it ran at."""
+    return TAN_BATCH if TAN_BATCH in batches else max(batches)
+
+
 def _baseline_finding(model, runs, acc):
     """WRN-16-4 or C4 at simulated epsilon 8, against the two main models; [] until it has run.
 
     Prefers the B = 256 run. A model whose per-example step is too slow for B = 256 in one sitting runs at a smaller
     batch (WRN-16-4 at B = 64): it is then set against the ordinary CNN at that same batch too, and the CNN's own
     loss from B = 256 to that batch is stated as the bias the smaller batch puts on the comparison."""
-    batches = sorted((key[2] for key in runs if key[:2] == (model, 8) and len(key) == 3), reverse=True)
+    batches = [key[2] for key in runs if key[:2] == (model, 8) and len(key) == 3]
     if not batches:
         return []
-    batch = TAN_BATCH if TAN_BATCH in batches else batches[0]
+    batch = _preferred_batch(batches)
     accuracy, parameters = acc[(model, 8, batch)], runs[(model, 8, batch)]["parameters"]
     others = [f"{MODEL_LABELS[m]} {acc[(m, 8, TAN_BATCH)]:.1f}%" for m in ("eq_d4d2", "cnn_c1")
               if (m, 8, TAN_BATCH) in acc]
@@ -248,13 +253,11 @@ def tan_findings(rows):
 def _plotted_rows(rows):
     """One row per model, simulated epsilon and K: the B = 256 run where there is one (the scaling checks at other
     batches stay in the table), else the largest batch the model ran at (WRN-16-4 at B = 64)."""
-    chosen = {}
+    batches = {}
     for r in rows:
-        key = (r["model"], r["simulated_epsilon"], r["num_views"])
-        best = chosen.get(key)
-        if best is None or (best["batch"] != TAN_BATCH and (r["batch"] == TAN_BATCH or r["batch"] > best["batch"])):
-            chosen[key] = r
-    return [r for r in rows if chosen[(r["model"], r["simulated_epsilon"], r["num_views"])] is r]
+        batches.setdefault((r["model"], r["simulated_epsilon"], r["num_views"]), []).append(r["batch"])
+    return [r for r in rows if r["batch"] == _preferred_batch(batches[(r["model"], r["simulated_epsilon"],
+                                                                       r["num_views"])])]
 
 
 def _plot_tan(rows):
