@@ -136,18 +136,42 @@ def _baseline_finding(model, runs, acc):
               if (m, 8, TAN_BATCH) in acc]
     text = f"{MODEL_LABELS[model]} ({parameters:,} parameters) reached {accuracy:.1f}% at simulated ε = 8"
     if batch == TAN_BATCH:
-        return [text + (f" (against {', '.join(others)})." if others else ".")]
+        return [text + (f" (against {', '.join(others)})." if others else ".") +
+                _against_equivariant(model, accuracy, parameters, runs, acc)]
     text += (f", trained at B = {batch} (1/{PAPER_BATCH // batch} of the paper's batch, the same σ/B): its "
              f"per-example step is too slow here for B = {TAN_BATCH} in one sitting")
     if others:
         text += f". At B = {TAN_BATCH}: {', '.join(others)}"
     small, usual = acc.get(("cnn_c1", 8, batch)), acc.get(("cnn_c1", 8, TAN_BATCH))
+    bias = None if small is None or usual is None else small - usual
     if small is not None:
         text += f". The ordinary CNN at B = {batch} reached {small:.1f}%"
-        if usual is not None:
-            text += (f", {small - usual:+.1f} points from its B = {TAN_BATCH} run: a rough size of what the smaller "
+        if bias is not None:
+            text += (f", {bias:+.1f} points from its B = {TAN_BATCH} run: a rough size of what the smaller "
                      f"batch costs {MODEL_LABELS[model]} in this comparison")
-    return [text + "."]
+    return [text + "." + _against_equivariant(model, accuracy, parameters, runs, acc, bias)]
+
+
+def _against_equivariant(model, accuracy, parameters, runs, acc, bias=None):
+    """The sentence that answers the parameter argument: did the equivariant model (D4->D2, B = 256) beat this
+    baseline at simulated epsilon 8, by how much, and does the lead outlast the bias of the baseline's smaller batch
+    (None when it ran at B = 256 too)? Empty until the equivariant model has run."""
+    key = ("eq_d4d2", 8, TAN_BATCH)
+    if model == "eq_d4d2" or key not in acc:
+        return ""
+    eq, eq_parameters = acc[key], runs[key]["parameters"]
+    lead = eq - accuracy
+    fewer = f", {parameters / eq_parameters:.1f}× fewer" if parameters > eq_parameters else ""
+    text = (f" So {MODEL_LABELS['eq_d4d2']} ({eq_parameters:,} parameters{fewer}) "
+            f"{'beat' if lead > 0 else 'lost to'} {MODEL_LABELS[model]} by {abs(lead):.1f} points")
+    if bias is None or bias >= 0:
+        return text + "."
+    if lead <= 0:
+        return text + ", although the smaller batch handicapped the baseline."
+    if lead > -bias:
+        return text + f", more than the {-bias:.1f} points the smaller batch may explain."
+    return text + f", no more than the {-bias:.1f} points the smaller batch may explain: this comparison does not " \
+        "settle which is better."
 
 
 def tan_findings(rows):
