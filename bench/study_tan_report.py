@@ -31,6 +31,9 @@ SHARED_CPU = {
                           "minute; about 37 views/s then against 59 alone) and about a minute of low-priority "
                           "(nice 19) study tests and report rebuilds before that (views/s and wall time understate "
                           "its speed alone)",
+    "tan_wrn16_4_eps8_b64": "shared the two cores with about a minute of low-priority (nice 19) study tests and a "
+                            "duplicate-code check, spread over its first 40 minutes (views/s and wall time understate "
+                            "its speed alone, slightly)",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
