@@ -143,7 +143,7 @@ def _baseline_finding(model, runs, acc):
         text += " with the optimiser every run here uses (the paper's, chosen for ResNet-9, not tuned for WRN)"
     if batch == TAN_BATCH:
         return [text + (f" (against {', '.join(others)})." if others else ".") +
-                _against_equivariant(model, accuracy, parameters, runs, acc)]
+                _against_equivariant(model, accuracy, parameters, runs, acc) + _against_cnn(accuracy, batch, runs, acc)]
     text += (f", trained at B = {batch} (1/{PAPER_BATCH // batch} of the paper's batch, the same σ/B): its "
              f"per-example step is too slow here for B = {TAN_BATCH} in one sitting")
     if others:
@@ -155,7 +155,18 @@ def _baseline_finding(model, runs, acc):
         if bias is not None:
             text += (f", {bias:+.1f} points from its B = {TAN_BATCH} run: a rough size of what the smaller "
                      f"batch costs {MODEL_LABELS[model]} in this comparison")
-    return [text + "." + _against_equivariant(model, accuracy, parameters, runs, acc, bias)]
+    return [text + "." + _against_equivariant(model, accuracy, parameters, runs, acc, bias) +
+            _against_cnn(accuracy, batch, runs, acc)]
+
+
+def _against_cnn(accuracy, batch, runs, acc):
+    """The ordinary CNN against a baseline at the same batch: is a small model without equivariance enough?"""
+    key = ("cnn_c1", 8, batch)
+    if key not in acc:
+        return ""
+    lead = acc[key] - accuracy
+    return (f" At the same batch the ordinary CNN ({runs[key]['parameters']:,} parameters) "
+            f"{'beat' if lead > 0 else 'lost to'} it by {abs(lead):.1f} points.")
 
 
 def _against_equivariant(model, accuracy, parameters, runs, acc, bias=None):

@@ -276,16 +276,18 @@ def test_wrn_at_batch_64_is_reported_with_the_bias_of_its_smaller_batch(study_ta
     assert "reached 74.9%, -1.1 points from its B = 256 run" in wrn  # the CNN's own cost of B = 64, stated
     # the parameter argument answered in words: who won, by how much, against the bias of the smaller batch
     assert re.search(r"So Equivariant ResNet-9 \(D4→D2\) \([\d,]+ parameters, \d+\.\d× fewer\) beat WRN-16-4 by "
-                     r"9\.0 points, more than the 1\.1 points the smaller batch may explain\.$", wrn)
+                     r"9\.0 points, more than the 1\.1 points the smaller batch may explain\. ", wrn)
+    # and whether a small model without equivariance is enough: the ordinary CNN at WRN's own batch
+    assert re.search(r"At the same batch the ordinary CNN \([\d,]+ parameters\) beat it by 4\.9 points\.$", wrn)
     close = dict(records, tan_wrn16_4_eps8_b64=_tan_record("w", model="wrn16_4", batch=64, accuracy=0.785))
     wrn = next(p for p in study_tan_report.tan_findings(_tan_rows(study_tan_report, close)).split("\n\n")
                if p.startswith("WRN-16-4"))
-    assert wrn.endswith("beat WRN-16-4 by 0.5 points, no more than the 1.1 points the smaller batch may explain: "
-                        "this comparison does not settle which is better.")
+    assert ("beat WRN-16-4 by 0.5 points, no more than the 1.1 points the smaller batch may explain: this "
+            "comparison does not settle which is better.") in wrn and wrn.endswith("lost to it by 3.6 points.")
     close["tan_wrn16_4_eps8_b64"] = _tan_record("w", model="wrn16_4", batch=64, accuracy=0.80)
     wrn = next(p for p in study_tan_report.tan_findings(_tan_rows(study_tan_report, close)).split("\n\n")
                if p.startswith("WRN-16-4"))
-    assert wrn.endswith("lost to WRN-16-4 by 1.0 points, although the smaller batch handicapped the baseline.")
+    assert "lost to WRN-16-4 by 1.0 points, although the smaller batch handicapped the baseline." in wrn
     # the WRN run is plotted (it is the model's only run); the CNN's scaling check at B = 64 is not
     assert [r["name"] for r in study_tan_report._plotted_rows(rows)] == \
         ["tan_cnn_c1_eps8", "tan_eq_d4d2_eps8", "tan_wrn16_4_eps8_b64"]
@@ -294,5 +296,6 @@ def test_wrn_at_batch_64_is_reported_with_the_bias_of_its_smaller_batch(study_ta
     rows = _tan_rows(study_tan_report, records)
     wrn = next(p for p in study_tan_report.tan_findings(rows).split("\n\n") if p.startswith("WRN-16-4"))
     assert "reached 72.0% at simulated ε = 8 with the optimiser" in wrn and "B = 64" not in wrn
-    assert wrn.endswith("beat WRN-16-4 by 7.0 points.")  # same batch: no bias to weigh
+    assert "beat WRN-16-4 by 7.0 points. At the same batch" in wrn  # same batch: no bias to weigh
+    assert wrn.endswith("beat it by 4.0 points.")
     assert "tan_wrn16_4_eps8_b64" not in [r["name"] for r in study_tan_report._plotted_rows(rows)]
