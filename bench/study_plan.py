@@ -119,7 +119,8 @@ TAN_BATCHES = {
     # WRN-16-4's per-example step runs at ~31-35 views/s on the 2-core Xeon (measured 2026-12-01), so at B = 256
     # the run needs ~5 h in one sitting, more than a session. It runs at B = 64 (25 views/s, ~1.6 h): the largest
     # batch that fits, the same simulated run (sigma/B fixed); the ordinary CNN at B = 64 lost 1.3 points to
-    # B = 256, a bias against WRN to keep in mind when comparing.
+    # B = 256, a bias against WRN to keep in mind when comparing. On the 2-core AMD EPYC the B = 64 run took 47 min
+    # (58 views/s, 2026-12-02) and the benchmark grid's ~54 views/s at B = 256 puts that run at ~3 h there.
     "tan_wrn": {
         "tan_wrn16_4_eps8_b64": MODELS["wrn16_4"] + _tan(64, 8),
     },
