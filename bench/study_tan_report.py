@@ -34,6 +34,8 @@ SHARED_CPU = {
     "tan_wrn16_4_eps8_b64": "shared the two cores with about a minute of low-priority (nice 19) study tests and a "
                             "duplicate-code check, spread over its first 40 minutes (views/s and wall time understate "
                             "its speed alone, slightly)",
+    "tan_eq_c4_eps8": "shared the two cores with about two minutes of low-priority (nice 19) study tests and report "
+                      "rebuilds in its first 10 minutes (views/s and wall time understate its speed alone, slightly)",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
