@@ -161,14 +161,22 @@ def _baseline_finding(model, runs, acc):
             _against_cnn(accuracy, batch, runs, acc)]
 
 
+def _outcome(accuracy, other_accuracy, other):
+    """(lead in points, "beat X by n points" / "lost to X ..." / "matched X"), from the accuracies as printed (one
+    decimal), so that the words agree with the numbers beside them."""
+    lead = round(round(accuracy, 1) - round(other_accuracy, 1), 1)
+    if lead == 0:
+        return lead, f"matched {other}"
+    return lead, f"{'beat' if lead > 0 else 'lost to'} {other} by {abs(lead):.1f} points"
+
+
 def _against_cnn(accuracy, batch, runs, acc):
     """The ordinary CNN against a baseline at the same batch: is a small model without equivariance enough?"""
     key = ("cnn_c1", 8, batch)
     if key not in acc:
         return ""
-    lead = acc[key] - accuracy
     return (f" At the same batch the ordinary CNN ({runs[key]['parameters']:,} parameters) "
-            f"{'beat' if lead > 0 else 'lost to'} it by {abs(lead):.1f} points.")
+            f"{_outcome(acc[key], accuracy, 'it')[1]}.")
 
 
 def _against_equivariant(model, accuracy, parameters, runs, acc, bias=None):
@@ -179,10 +187,9 @@ def _against_equivariant(model, accuracy, parameters, runs, acc, bias=None):
     if model == "eq_d4d2" or key not in acc:
         return ""
     eq, eq_parameters = acc[key], runs[key]["parameters"]
-    lead = eq - accuracy
+    lead, outcome = _outcome(eq, accuracy, MODEL_LABELS[model])
     fewer = f", {parameters / eq_parameters:.1f}× fewer" if parameters > eq_parameters else ""
-    text = (f" So {MODEL_LABELS['eq_d4d2']} ({eq_parameters:,} parameters{fewer}) "
-            f"{'beat' if lead > 0 else 'lost to'} {MODEL_LABELS[model]} by {abs(lead):.1f} points")
+    text = f" So {MODEL_LABELS['eq_d4d2']} ({eq_parameters:,} parameters{fewer}) {outcome}"
     if bias is None or bias >= 0:
         return text + "."
     if lead <= 0:

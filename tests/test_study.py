@@ -244,6 +244,20 @@ def test_optional_c4_run_is_reported_apart_from_the_required_ones(study_plan, st
     optional = next(p for p in text.split("\n\n") if p.startswith("Optional"))
     assert "tan_eq_c4_eps8" not in optional and "`tan_eq_d4d2_k4_eps8_b64`" in optional
 
+    # the words agree with the printed numbers: 76.2% against 76.1% is a lead of 0.1 (not "by 0.0 points"), and
+    # accuracies that print alike are a match, whatever their third decimal
+    def c4_sentence(cnn, c4_accuracy):
+        c4["metrics"][-1]["test_accuracy"] = c4_accuracy
+        both = {"tan_cnn_c1_eps8": _tan_record("a", accuracy=cnn), "tan_eq_c4_eps8": c4,
+                "tan_eq_d4d2_eps8": _tan_record("d", model="eq_d4d2", accuracy=0.793)}
+        text = study_tan_report.tan_findings(_tan_rows(study_tan_report, both))
+        return next(p for p in text.split("\n\n") if p.startswith("Equivariant ResNet-9 (C4)"))
+
+    assert c4_sentence(0.7616, 0.7614).endswith(
+        "So Equivariant ResNet-9 (D4→D2) (287,413 parameters) beat Equivariant ResNet-9 (C4) by 3.2 points. "
+        "At the same batch the ordinary CNN (229,784 parameters) beat it by 0.1 points.")
+    assert c4_sentence(0.7612, 0.7614).endswith("the ordinary CNN (229,784 parameters) matched it.")
+
 
 def test_k4_run_at_batch_64_is_compared_at_equal_views(study_tan_report):
     k4 = _tan_record("k", model="eq_d4d2", batch=64, accuracy=0.81)
