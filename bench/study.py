@@ -8,7 +8,8 @@
 Parts: this file is the command line and the runner; ``study_plan.py`` the runs and their flags;
 ``study_records.py`` what a finished run leaves in ``docs/study/`` and its summary; ``study_report.py``
 the first study's report (and the helpers both reports share); ``study_tan_report.py`` the
-paper-regime report.
+paper-regime report (table and plots), ``study_tan_findings.py`` its findings, and ``study_run_notes.py``
+what the records cannot say (runs that shared the machine, machines of older runs), set by hand.
 
 The first study (issue 6). Every run trains on the full CIFAR-10 training set (50,000) and is
 evaluated, with EMA weights, on the full test set (10,000). All runs share one *compute budget in

@@ -39,6 +39,11 @@ def study_tan_report():
     return _bench_module("study_tan_report")
 
 
+@pytest.fixture(scope="module")
+def study_tan_findings():
+    return _bench_module("study_tan_findings")
+
+
 def _record(dp=True, steps=(40, 80), rates=(100.0, 50.0), batch=1024):
     config = {"architecture": "eq_resnet9", "group": "C1", "restrict": "none", "head": "paper", "dp": dp,
               "batch_size": batch, "num_views": 1}
@@ -110,7 +115,7 @@ def _tan_rows(study_tan_report, records):
                   key=study_tan_report.tan_row_order)
 
 
-def test_paper_regime_findings_follow_the_records(study_tan_report):
+def test_paper_regime_findings_follow_the_records(study_tan_report, study_tan_findings):
     records = {
         "tan_cnn_c1_eps8": _tan_record("a", accuracy=0.60),
         "tan_cnn_c1_eps8_b128": _tan_record("b", batch=128, accuracy=0.595),
@@ -120,7 +125,7 @@ def test_paper_regime_findings_follow_the_records(study_tan_report):
         "tan_eq_d4d2_eps2": _tan_record("f", model="eq_d4d2", epsilon=2, accuracy=0.58),
     }
     rows = _tan_rows(study_tan_report, records)
-    text = study_tan_report.tan_findings(rows)
+    text = study_tan_findings.tan_findings(rows)
     assert "at simulated ε = 2 only the equivariant model has run so far (58.0%)" in text  # no pair, no verdict
     assert "the three agree within 1.5 points" in text
     assert "one run with one seed; the scaling check's runs, which TAN says should agree, spread over 1.0 points" \
@@ -135,12 +140,12 @@ def test_paper_regime_findings_follow_the_records(study_tan_report):
     records["tan_eq_d4d2_eps8"] = _tan_record("d", model="eq_d4d2", accuracy=0.55)
     records["tan_cnn_c1_eps8_b512"] = _tan_record("c", batch=512, accuracy=0.63)
     rows = [study_tan_report.summarise_tan(n, r) for n, r in records.items()]
-    text = study_tan_report.tan_findings(rows)
+    text = study_tan_findings.tan_findings(rows)
     assert "lost to the ordinary CNN, 55.0% against 60.0% (-5.0 points)" in text
     assert "differ by 3.5 points" in text
 
 
-def test_readme_paper_regime_table_matches_committed_records(study_records, study_tan_report):
+def test_readme_paper_regime_table_matches_committed_records(study_records, study_tan_report, study_tan_findings):
     records = study_records.load_records(study_records.TAN_RECORDS_DIR)
     with open(os.path.join(REPO_ROOT, "README.md")) as f:
         readme = f.read()
@@ -154,7 +159,7 @@ def test_readme_paper_regime_table_matches_committed_records(study_records, stud
     rows = _tan_rows(study_tan_report, records)
     stale = "is stale: run python bench/study.py report"
     assert blocks[0] == study_tan_report._tan_table(rows), f"README paper-regime table {stale}"
-    assert blocks[1] == study_tan_report.tan_findings(rows), f"README findings {stale}"
+    assert blocks[1] == study_tan_findings.tan_findings(rows), f"README findings {stale}"
     for name, record in records.items():
         assert record["metrics"][-1]["step"] == 2160
         simulated = record["privacy"]["simulated_run"]
@@ -179,7 +184,7 @@ def test_paper_regime_runs_share_steps_and_simulated_batch(study_plan):
 
 
 def test_each_run_records_its_machines_and_the_report_names_them(study_records, study_tan_report, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, study_tan_findings):
     out = tmp_path / "run"
     out.mkdir()
     for filename in study_records.RECORD_FILES:
@@ -205,29 +210,29 @@ def test_each_run_records_its_machines_and_the_report_names_them(study_records, 
     rows = [study_tan_report.summarise_tan("tan_cnn_c1_eps8", recorded),
             study_tan_report.summarise_tan("tan_eq_d4d2_eps8", _tan_record("b", model="eq_d4d2"))]
     assert "| Intel Xeon, 2 cores (AVX-512, AMX) |" in study_tan_report._tan_table(rows)
-    text = study_tan_report.tan_findings(rows)
+    text = study_tan_findings.tan_findings(rows)
     assert "names 1 CPU, and 1 run did not record its" in text
     # one machine for every run: no caveat needed
     equivariant = _tan_record("b", model="eq_d4d2")
     equivariant["machines"] = machines[1:]
     rows[1] = study_tan_report.summarise_tan("tan_eq_d4d2_eps8", equivariant)
-    assert "Speed compares only within one machine" not in study_tan_report.tan_findings(rows)
+    assert "Speed compares only within one machine" not in study_tan_findings.tan_findings(rows)
 
 
-def test_findings_set_the_private_equivariant_model_against_the_noise_free_cnn(study_tan_report):
+def test_findings_set_the_private_equivariant_model_against_the_noise_free_cnn(study_tan_report, study_tan_findings):
     records = {"tan_cnn_c1_sigma0": _tan_record("a", epsilon=None, accuracy=0.70),
                "tan_eq_d4d2_eps8": _tan_record("b", model="eq_d4d2", accuracy=0.72),
                "tan_eq_d4d2_eps2": _tan_record("c", model="eq_d4d2", epsilon=2, accuracy=0.61)}
-    text = study_tan_report.tan_findings([study_tan_report.summarise_tan(n, r) for n, r in records.items()])
+    text = study_tan_findings.tan_findings([study_tan_report.summarise_tan(n, r) for n, r in records.items()])
     assert ("against the ordinary CNN trained without noise (70.0%): at simulated ε = 8 (72.0%) it is above it; "
             "at simulated ε = 2 (61.0%) it is below it") in text
 
 
-def test_optional_c4_run_is_reported_apart_from_the_required_ones(study_plan, study_tan_report):
+def test_optional_c4_run_is_reported_apart_from_the_required_ones(study_plan, study_tan_report, study_tan_findings):
     flags = dict(f[2:].split("=", 1) for f in study_plan.run_flags("tan_eq_c4_eps8"))
     assert (flags["group"], flags["restrict"], flags["num_views"]) == ("C4", "none", "1")
     records = {"tan_cnn_c1_eps8": _tan_record("a", accuracy=0.60)}
-    text = study_tan_report.tan_findings([study_tan_report.summarise_tan(n, r) for n, r in records.items()])
+    text = study_tan_findings.tan_findings([study_tan_report.summarise_tan(n, r) for n, r in records.items()])
     assert ("Optional, if the budget allows, not run yet: `tan_wrn16_4_eps8`, `tan_eq_c4_eps8`, "
             "`tan_cnn_c1_eps8_b64`, `tan_eq_d4d2_k4_eps8_b64`.") in text
     not_run = next(p for p in text.split("\n\n") if p.startswith("Not run yet"))
@@ -238,7 +243,7 @@ def test_optional_c4_run_is_reported_apart_from_the_required_ones(study_plan, st
     records["tan_eq_c4_eps8"] = c4
     rows = [study_tan_report.summarise_tan(n, r) for n, r in records.items()]
     assert rows[1]["model"] == "eq_c4"
-    text = study_tan_report.tan_findings(rows)
+    text = study_tan_findings.tan_findings(rows)
     assert re.search(r"Equivariant ResNet-9 \(C4\) \([\d,]+ parameters\) reached 65\.0% at simulated ε = 8 "
                      r"\(against ResNet-9, trivial group \(ordinary CNN\) 60\.0%\)\.", text)
     optional = next(p for p in text.split("\n\n") if p.startswith("Optional"))
@@ -250,7 +255,7 @@ def test_optional_c4_run_is_reported_apart_from_the_required_ones(study_plan, st
         c4["metrics"][-1]["test_accuracy"] = c4_accuracy
         both = {"tan_cnn_c1_eps8": _tan_record("a", accuracy=cnn), "tan_eq_c4_eps8": c4,
                 "tan_eq_d4d2_eps8": _tan_record("d", model="eq_d4d2", accuracy=0.793)}
-        text = study_tan_report.tan_findings(_tan_rows(study_tan_report, both))
+        text = study_tan_findings.tan_findings(_tan_rows(study_tan_report, both))
         return next(p for p in text.split("\n\n") if p.startswith("Equivariant ResNet-9 (C4)"))
 
     assert c4_sentence(0.7616, 0.7614).endswith(
@@ -259,7 +264,7 @@ def test_optional_c4_run_is_reported_apart_from_the_required_ones(study_plan, st
     assert c4_sentence(0.7612, 0.7614).endswith("the ordinary CNN (229,784 parameters) matched it.")
 
 
-def test_k4_run_at_batch_64_is_compared_at_equal_views(study_tan_report):
+def test_k4_run_at_batch_64_is_compared_at_equal_views(study_tan_report, study_tan_findings):
     k4 = _tan_record("k", model="eq_d4d2", batch=64, accuracy=0.81)
     k4["config"]["num_views"] = 4
     records = {"tan_eq_d4d2_eps8": _tan_record("a", model="eq_d4d2", accuracy=0.79),
@@ -267,7 +272,7 @@ def test_k4_run_at_batch_64_is_compared_at_equal_views(study_tan_report):
                "tan_cnn_c1_eps8_b64": _tan_record("c", batch=64, accuracy=0.745),
                "tan_eq_d4d2_k4_eps8_b64": k4}
     rows = _tan_rows(study_tan_report, records)
-    text = study_tan_report.tan_findings(rows)
+    text = study_tan_findings.tan_findings(rows)
     # the K = 4 run does not overwrite the K = 1 run of the same model, epsilon and batch family
     assert "at simulated ε = 8 the equivariant model beat the ordinary CNN, 79.0% against 76.0%" in text
     assert "reached 74.5% there against 76.0% at B = 256 (-1.5 points), within the 1.5 points" in text
@@ -277,13 +282,13 @@ def test_k4_run_at_batch_64_is_compared_at_equal_views(study_tan_report):
     assert "| 2160 × 64 × 4 |" in study_tan_report._tan_table(rows)
 
 
-def test_wrn_at_batch_64_is_reported_with_the_bias_of_its_smaller_batch(study_tan_report):
+def test_wrn_at_batch_64_is_reported_with_the_bias_of_its_smaller_batch(study_tan_report, study_tan_findings):
     records = {"tan_eq_d4d2_eps8": _tan_record("a", model="eq_d4d2", accuracy=0.79),
                "tan_cnn_c1_eps8": _tan_record("b", accuracy=0.76),
                "tan_cnn_c1_eps8_b64": _tan_record("c", batch=64, accuracy=0.749),
                "tan_wrn16_4_eps8_b64": _tan_record("w", model="wrn16_4", batch=64, accuracy=0.70)}
     rows = _tan_rows(study_tan_report, records)
-    text = study_tan_report.tan_findings(rows)
+    text = study_tan_findings.tan_findings(rows)
     wrn = next(p for p in text.split("\n\n") if p.startswith("WRN-16-4"))
     assert ("reached 70.0% at simulated ε = 8 with the optimiser every run here uses (the paper's, chosen for "
             "ResNet-9, not tuned for WRN), trained at B = 64 (1/128 of the paper's batch") in wrn
@@ -294,12 +299,12 @@ def test_wrn_at_batch_64_is_reported_with_the_bias_of_its_smaller_batch(study_ta
     # and whether a small model without equivariance is enough: the ordinary CNN at WRN's own batch
     assert re.search(r"At the same batch the ordinary CNN \([\d,]+ parameters\) beat it by 4\.9 points\.$", wrn)
     close = dict(records, tan_wrn16_4_eps8_b64=_tan_record("w", model="wrn16_4", batch=64, accuracy=0.785))
-    wrn = next(p for p in study_tan_report.tan_findings(_tan_rows(study_tan_report, close)).split("\n\n")
+    wrn = next(p for p in study_tan_findings.tan_findings(_tan_rows(study_tan_report, close)).split("\n\n")
                if p.startswith("WRN-16-4"))
     assert ("beat WRN-16-4 by 0.5 points, no more than the 1.1 points the smaller batch may explain: this "
             "comparison does not settle which is better.") in wrn and wrn.endswith("lost to it by 3.6 points.")
     close["tan_wrn16_4_eps8_b64"] = _tan_record("w", model="wrn16_4", batch=64, accuracy=0.80)
-    wrn = next(p for p in study_tan_report.tan_findings(_tan_rows(study_tan_report, close)).split("\n\n")
+    wrn = next(p for p in study_tan_findings.tan_findings(_tan_rows(study_tan_report, close)).split("\n\n")
                if p.startswith("WRN-16-4"))
     assert "lost to WRN-16-4 by 1.0 points, although the smaller batch handicapped the baseline." in wrn
     # the WRN run is plotted (it is the model's only run); the CNN's scaling check at B = 64 is not
@@ -308,7 +313,7 @@ def test_wrn_at_batch_64_is_reported_with_the_bias_of_its_smaller_batch(study_ta
     # once WRN-16-4 also has a B = 256 run, that one is the one reported and plotted
     records["tan_wrn16_4_eps8"] = _tan_record("v", model="wrn16_4", accuracy=0.72)
     rows = _tan_rows(study_tan_report, records)
-    wrn = next(p for p in study_tan_report.tan_findings(rows).split("\n\n") if p.startswith("WRN-16-4"))
+    wrn = next(p for p in study_tan_findings.tan_findings(rows).split("\n\n") if p.startswith("WRN-16-4"))
     assert "reached 72.0% at simulated ε = 8 with the optimiser" in wrn and "B = 64" not in wrn
     assert "beat WRN-16-4 by 7.0 points. At the same batch" in wrn  # same batch: no bias to weigh
     assert wrn.endswith("beat it by 4.0 points.")

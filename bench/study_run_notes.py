@@ -1,0 +1,35 @@
+"""What the records cannot say about a run, set by hand from the sessions' logs: runs that shared the machine, and
+the machine of runs made before runs noted their own."""
+
+# Runs whose timings are not those of the two cores alone (accuracy, which depends only on the updates, is not
+# affected). Set by hand when a run had to share the machine; the report prints the reason next to the run.
+SHARED_CPU = {
+    "tan_cnn_c1_eps8": "shared the two cores with test runs for part of its time (views/s and wall time understate "
+                       "its speed alone)",
+    "tan_cnn_c1_eps8_b128": "shared the two cores with test runs for most of its time (views/s and wall time "
+                            "understate its speed alone)",
+    "tan_eq_d4d2_eps8": "shared the two cores with about 4 minutes of micro-benchmarks near its start and with "
+                        "low-priority (nice 19) test runs later (views/s and wall time understate its speed alone)",
+    "tan_eq_d4d2_eps2": "shared the two cores with about 12 minutes of memory measurements and tests in its first "
+                        "40 minutes (views/s and wall time understate its speed alone)",
+    "tan_cnn_c1_eps2": "shared the two cores with about 20 seconds of tests and a benchmark report rebuild in its "
+                       "first 2 minutes (views/s and wall time understate its speed alone, slightly)",
+    "tan_cnn_c1_sigma0": "shared the two cores with about 5 seconds of tests in its first 3 minutes (views/s and "
+                         "wall time understate its speed alone, slightly)",
+    "tan_eq_d4d2_eps1": "shared the two cores with about 20 CPU-seconds of a report check and low-priority (nice 19) "
+                        "study tests in its first 12 minutes (views/s and wall time understate its speed alone, "
+                        "slightly)",
+    "tan_eq_d4d2_sigma0": "shared the two cores with a full fresh-clone CI run (27 minutes, from its 9th to its 36th "
+                          "minute; about 37 views/s then against 59 alone) and about a minute of low-priority "
+                          "(nice 19) study tests and report rebuilds before that (views/s and wall time understate "
+                          "its speed alone)",
+    "tan_wrn16_4_eps8_b64": "shared the two cores with about a minute of low-priority (nice 19) study tests and a "
+                            "duplicate-code check, spread over its first 40 minutes (views/s and wall time understate "
+                            "its speed alone, slightly)",
+    "tan_eq_c4_eps8": "shared the two cores with about two minutes of low-priority (nice 19) study tests and report "
+                      "rebuilds in its first 10 minutes (views/s and wall time understate its speed alone, slightly)",
+}
+# Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
+# whose machine is known. Runs in neither place show "not recorded".
+MACHINE_FROM_SESSION_LOG = {name: "AMD EPYC, 2 cores" for name in ("tan_cnn_c1_eps2", "tan_cnn_c1_sigma0",
+                                                                   "tan_cnn_c1_eps1")}
