@@ -16,3 +16,8 @@ def __getattr__(name):
 
         return getattr(keras_api, name)
     raise AttributeError(f"module 'eqdp_tf' has no attribute {name!r}")
+
+
+def __dir__():
+    # Without it dir() and tab completion list none of the lazily loaded names.
+    return sorted(set(globals()) | set(__all__))

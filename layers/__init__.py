@@ -38,3 +38,8 @@ __all__ = [
     "freeze",
     "get_group",
 ]
+
+
+def __dir__():
+    # Without it dir() and tab completion list none of the lazily loaded layers.
+    return sorted(set(globals()) | set(__all__))
