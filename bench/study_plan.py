@@ -86,12 +86,17 @@ TAN_COMMON_FLAGS = [
 ]
 
 
-def _tan(batch, epsilon=None, views=1, physical=None):
-    """A TAN-simulated run of the paper's batch 8192 at ``batch``; epsilon None: sigma = 0 (clipping only)."""
+def _tan(batch, epsilon=None, views=1, physical=None, seed=None):
+    """A TAN-simulated run of the paper's batch 8192 at ``batch``; epsilon None: sigma = 0 (clipping only).
+
+    ``seed`` (a repeat of a run): initialisation and augmentation (``--seed``) and batches and noise
+    (``--dp_seed``, public on purpose) all differ from the first run's, which used seed 0 and a secret key.
+    """
     privacy = [f"--target_epsilon={epsilon}"] if epsilon is not None else ["--noise_multiplier=0",
                                                                           "--target_epsilon=none"]
+    repeat = [] if seed is None else [f"--seed={seed}", f"--dp_seed={seed}"]
     return [f"--batch_size={batch}", f"--physical_batch_size={physical or TAN_PHYSICAL[batch]}",
-            f"--num_views={views}"] + privacy
+            f"--num_views={views}"] + privacy + repeat
 
 
 TAN_BATCHES = {
@@ -135,9 +140,24 @@ TAN_BATCHES = {
         "tan_cnn_c1_eps8_b64": MODELS["cnn_c1"] + _tan(64, 8),
         "tan_eq_d4d2_k4_eps8_b64": MODELS["eq_d4d2"] + _tan(64, 8, views=4, physical=27),
     },
+    # Issue 26: the paper's K = 4 views for the ordinary CNN too (its same-batch K = 1 reference is
+    # tan_cnn_c1_eps8_b64), and the equivariant model's own K = 1 reference at B = 64.
+    "tan_k4": {
+        "tan_cnn_c1_k4_eps8_b64": MODELS["cnn_c1"] + _tan(64, 8, views=4, physical=27),
+        "tan_eq_d4d2_eps8_b64": MODELS["eq_d4d2"] + _tan(64, 8),
+    },
+    # Issue 26: two more seeds of the two main models at the ends of the privacy range, to tell the margins
+    # from chance. The ordinary CNN's first (~0.5 h each), then the equivariant model's (~1.7 h each).
+    "tan_seeds": {
+        **{f"tan_cnn_c1_eps{eps}_s{seed}": MODELS["cnn_c1"] + _tan(TAN_BATCH, eps, seed=seed)
+           for eps in (8, 1) for seed in (1, 2)},
+        **{f"tan_eq_d4d2_eps{eps}_s{seed}": MODELS["eq_d4d2"] + _tan(TAN_BATCH, eps, seed=seed)
+           for eps in (8, 1) for seed in (1, 2)},
+    },
 }
 # The order in which `run tan` takes the batches (each resumable, finished runs skipped).
-TAN_ORDER = ("tan_scaling", "tan_eps8", "tan_eps2", "tan_noiseless", "tan_eps1", "tan_wrn", "tan_optional")
+TAN_ORDER = ("tan_scaling", "tan_eps8", "tan_eps2", "tan_noiseless", "tan_eps1", "tan_wrn", "tan_optional", "tan_k4",
+             "tan_seeds")
 
 
 def run_flags(name):

@@ -28,6 +28,8 @@ SHARED_CPU = {
                             "its speed alone, slightly)",
     "tan_eq_c4_eps8": "shared the two cores with about two minutes of low-priority (nice 19) study tests and report "
                       "rebuilds in its first 10 minutes (views/s and wall time understate its speed alone, slightly)",
+    "tan_eq_d4d2_k4_eps8_b64": "shared the two cores with about three minutes of low-priority (nice 19) tests "
+                               "(views/s and wall time understate its speed alone, slightly)",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".

@@ -12,6 +12,8 @@ def _by_key(rows):
     """{(model, simulated epsilon rounded or None, batch): row}; K joins the key as a fourth item when K > 1."""
     keys = {}
     for r in rows:
+        if r.get("dp_seed") is not None:
+            continue  # a repeat with another seed must not stand in for the first run (spread: issue 26)
         key = (r["model"], None if r["simulated_epsilon"] is None else round(r["simulated_epsilon"]), r["batch"])
         keys[key if r["num_views"] == 1 else key + (r["num_views"],)] = r
     return keys

@@ -46,6 +46,7 @@ def summarise_tan(name, record):
         "noise_multiplier": privacy.get("noise_multiplier"),
         "step_curve": [(line["step"], line["test_accuracy"]) for line in metrics],
         "num_views": int(config["num_views"]),
+        "dp_seed": config.get("dp_seed"),  # set only on the repeats of a run (issue 26's seeds)
         "finished": metrics[-1]["step"] >= int(config["steps"]),
         "cpu": machine_label(name, record.get("machines", [])),
         "cpu_from_log": not record.get("machines") and name in MACHINE_FROM_SESSION_LOG,

@@ -318,3 +318,16 @@ def test_wrn_at_batch_64_is_reported_with_the_bias_of_its_smaller_batch(study_ta
     assert "beat WRN-16-4 by 7.0 points. At the same batch" in wrn  # same batch: no bias to weigh
     assert wrn.endswith("beat it by 4.0 points.")
     assert "tan_wrn16_4_eps8_b64" not in [r["name"] for r in study_tan_report._plotted_rows(rows)]
+
+
+def test_a_repeat_with_another_seed_does_not_stand_in_for_the_first_run(study_plan, study_tan_report,
+                                                                        study_tan_findings):
+    flags = dict(f[2:].split("=", 1) for f in study_plan.run_flags("tan_eq_d4d2_eps8_s1"))
+    assert (flags["seed"], flags["dp_seed"], flags["batch_size"]) == ("1", "1", "256")
+    repeat = _tan_record("r", model="eq_d4d2", accuracy=0.30)
+    repeat["config"]["dp_seed"] = 1
+    records = {"tan_cnn_c1_eps8": _tan_record("a", accuracy=0.60),
+               "tan_eq_d4d2_eps8": _tan_record("d", model="eq_d4d2", accuracy=0.64),
+               "tan_eq_d4d2_eps8_s1": repeat}
+    text = study_tan_findings.tan_findings(_tan_rows(study_tan_report, records))
+    assert "64.0% against 60.0% (+4.0 points)" in text and "30.0%" not in text
