@@ -80,7 +80,7 @@ def main(argv=None):
                     out.append(per_example._kernel_grad_by_taps(x, rows, k, s, padding, batch))
                 elif kind == "kernel-expansion transpose" and conv and expanded:
                     grad = tf.zeros([batch] + list(layer.expanded_kernel().shape))
-                    out.append(per_example._linear_vjp(layer.expanded_kernel, layer.kernel, grad))
+                    out.append(per_example._kernel_vjp(layer.expanded_kernel, [layer.kernel], grad)[0])
                 elif kind == "all rules":
                     rule = per_example.layer_rule(layer)
                     out += [g for _, g in rule(layer, x, dz, batch, 1)]

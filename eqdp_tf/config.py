@@ -33,6 +33,8 @@ class TrainConfig:
     group: str = "D4"
     restrict: str = "D2"
     head: str = "paper"
+    # WRN only: De et al.'s scaled weight standardisation in every convolution (layers.StandardizedConv2D).
+    wrn_weight_standardization: bool = True
     # optimisation
     steps: int = 2160
     batch_size: int = 8192
@@ -214,6 +216,9 @@ def define_flags():
     flags.DEFINE_string("group", d.group, "Symmetry group: C1 (ordinary CNN), C4, C8, D4, D8, ... (C_N or D_N).")
     flags.DEFINE_string("restrict", d.restrict, "Subgroup for the last stages (e.g. D2), or 'none'.")
     flags.DEFINE_enum("head", d.head, HEADS, "'paper': 2x2 avg pool + linear; 'invariant': global pool + linear.")
+    flags.DEFINE_boolean("wrn_weight_standardization", d.wrn_weight_standardization,
+                         "WRN only: scaled weight standardisation with a gain and bias per filter in every conv, as De "
+                         "et al. (2022); false: plain convs without bias.")
     flags.DEFINE_integer("steps", d.steps, "Number of DP-SGD (logical) steps.")
     flags.DEFINE_integer("batch_size", d.batch_size, "Expected logical batch size (Poisson: q = batch_size / N).")
     flags.DEFINE_integer("physical_batch_size", d.physical_batch_size,
@@ -271,6 +276,8 @@ def _check_contradictions(f):
     once the epsilon of that noise is known: the run refuses if it misses the target.)"""
     if _given(f, "dp") and not f.dp and _given(f, "noise_multiplier"):
         raise ConfigError("--dp=false trains without noise, which contradicts --noise_multiplier; drop one of them")
+    if _given(f, "wrn_weight_standardization") and f.architecture != "wrn16_4":
+        raise ConfigError("--wrn_weight_standardization applies only to --architecture=wrn16_4")
 
 
 def config_from_flags(values=None):

@@ -422,10 +422,10 @@ class ExponentialMovingAverage(tf.keras.callbacks.Callback):
 
 def layer_registry():
     """A TF-Privacy ``LayerRegistry`` for fast gradient clipping of CNNs: TF-Privacy's Dense and Embedding, plus
-    Keras' Conv2D, GroupNormalization and LayerNormalization and the equivariant layers (see
-    ``privacy.fast_clipping``). For ``tensorflow_privacy.DPSequential(..., layer_registry=layer_registry())``."""
+    Keras' Conv2D, GroupNormalization and LayerNormalization, the equivariant layers and the weight-standardised
+    conv (see ``privacy.fast_clipping``). For ``tensorflow_privacy.DPSequential(..., layer_registry=layer_registry())``."""
     return fast_clipping.make_layer_registry(
-        conv_layers=(eq_layers.LiftingConv2D, eq_layers.GroupConv2D),
+        conv_layers=(eq_layers.LiftingConv2D, eq_layers.GroupConv2D, eq_layers.StandardizedConv2D),
         normalization_layers=(eq_layers.GroupNormalization,))
 
 

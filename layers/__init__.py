@@ -1,4 +1,5 @@
-"""Rotation-equivariant Keras layers (tf.keras): groups, group convolutions, pooling, GroupNorm.
+"""Rotation-equivariant Keras layers (tf.keras): groups, group convolutions, pooling, GroupNorm; and the
+weight-standardised convolution of the WRN baseline.
 
 Usable on their own; this package imports only TensorFlow and numpy. Channel layout everywhere:
 ``F`` regular fields over G are ``F*|G|`` channels, channel ``c*|G| + g`` = field c, orientation g.
@@ -12,7 +13,7 @@ _LAZY = {
     "GroupConv2D": "layers.conv", "LiftingConv2D": "layers.conv", "freeze": "layers.freezing",
     "GroupNormalization": "layers.normalization", "closest_divisor": "layers.normalization",
     "GroupPooling": "layers.pooling", "SpatialPooling2D": "layers.pooling",
-    "RestrictToSubgroup": "layers.restriction",
+    "RestrictToSubgroup": "layers.restriction", "StandardizedConv2D": "layers.standardized_conv",
 }
 
 
@@ -32,6 +33,7 @@ __all__ = [
     "LiftingConv2D",
     "RestrictToSubgroup",
     "SpatialPooling2D",
+    "StandardizedConv2D",
     "closest_divisor",
     "cyclic_group",
     "dihedral_group",

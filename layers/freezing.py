@@ -1,16 +1,15 @@
-"""Freezing: replace every group convolution by the plain ``Conv2D`` it computes.
+"""Freezing: replace every group convolution (and weight-standardised conv) by the plain ``Conv2D`` it computes.
 
-The base filters are expanded once; the frozen model gives the same outputs, skips the expansion
+The base filters are expanded (or standardised) once; the frozen model gives the same outputs, skips the expansion
 at every call and needs no custom conv layers to load (faster serving, simpler export).
 """
 
 import tensorflow as tf
 
-from layers.conv import _GroupConvBase
-
 
 def _copy_layer(layer):
-    if isinstance(layer, _GroupConvBase):
+    # Layers whose kernel is built from their weights (layers.conv, layers.standardized_conv) offer to_conv2d.
+    if hasattr(layer, "to_conv2d"):
         return layer.to_conv2d()
     fresh = layer.__class__.from_config(layer.get_config())
     if layer.weights:

@@ -50,15 +50,17 @@ def _resnet9_formula(group, restrict, head, layout=(16, 32, 64), classes=10):
     return total + features * classes + classes
 
 
-def _wrn_formula(depth=16, width=4, classes=10):
-    """WRN-d-k with affine GroupNorm (gamma, beta per channel), convs without bias."""
+def _wrn_formula(depth=16, width=4, classes=10, weight_standardization=False):
+    """WRN-d-k with affine GroupNorm (gamma, beta per channel); convs without bias, or weight-standardised ones with
+    a gain and a bias per filter."""
+    per_filter = 2 if weight_standardization else 0
     blocks = (depth - 4) // 6
-    total, c_in = 9 * 3 * 16, 16
+    total, c_in = 9 * 3 * 16 + per_filter * 16, 16
     for c in (16 * width, 32 * width, 64 * width):
         for b in range(blocks):
-            total += 2 * c_in + 9 * c_in * c + 2 * c + 9 * c * c
+            total += 2 * c_in + 9 * c_in * c + 2 * c + 9 * c * c + 2 * per_filter * c
             if b == 0 and c_in != c:
-                total += c_in * c                 # 1x1 projection shortcut
+                total += c_in * c + per_filter * c  # 1x1 projection shortcut
             c_in = c
     return total + 2 * c_in + c_in * classes + classes
 
@@ -83,9 +85,10 @@ def test_resnet9_parameter_count(group, restrict, head, expected):
 
 
 def test_wrn16_4_parameter_count():
-    model = models.build_model("wrn16_4")
-    assert model.count_params() == 2_748_890
-    assert _wrn_formula(16, 4) == 2_748_890
+    plain = models.build_model("wrn16_4", weight_standardization=False)
+    assert plain.count_params() == _wrn_formula(16, 4) == 2_748_890
+    standardised = models.build_model("wrn16_4")  # De et al.'s weight standardisation, the default
+    assert standardised.count_params() == _wrn_formula(16, 4, weight_standardization=True) == 2_753_402
 
 
 def test_group_conv_weights_match_hand_formula():

@@ -28,7 +28,10 @@ def _max_relative_error(a_list, b_list):
     [
         (dict(group="D4", restrict="D2"), "sum"),  # the paper model: gathers, restriction, no affine norms
         (dict(group="C8", restrict="C4", head="invariant"), "mean"),  # interpolated kernels (einsum expansion)
-        (dict(architecture="wrn16_4", group="C1", restrict=None), "sum"),  # Keras Conv2D, strides, affine GroupNorm
+        # Keras Conv2D, strides, affine GroupNorm
+        (dict(architecture="wrn16_4", weight_standardization=False), "sum"),
+        # weight standardisation: the kernel gradient goes back through a non-linear map of kernel and gain
+        (dict(architecture="wrn16_4", weight_standardization=True), "mean"),
     ],
 )
 def test_layerwise_matches_vectorized_map(kwargs, reduction):
@@ -41,7 +44,14 @@ def test_layerwise_matches_vectorized_map(kwargs, reduction):
     assert len(g_fast) == len(model.trainable_variables)
     for g, v in zip(g_fast, model.trainable_variables):
         assert g.shape == [3, *v.shape]
-    assert _max_relative_error(g_fast, g_slow) < 1e-4
+    # Each gradient's error relative to its own largest entry, except a weight-standardised conv's gain: its
+    # gradient is <dL/dkernel, kernel> / gain, a sum of kernel-sized terms that nearly cancel (here ~1e-4 of the
+    # kernel's gradient), so float32 rounding alone is ~1e-3 of it; it is measured against its kernel's gradient.
+    scale = {v.name: float(tf.reduce_max(tf.abs(b))) for v, b in zip(model.trainable_variables, g_slow)}
+    for v, a, b in zip(model.trainable_variables, g_fast, g_slow):
+        reference = scale[v.name.replace("/gain:", "/kernel:")]
+        error = float(tf.reduce_max(tf.abs(a - b))) / (reference + 1e-12)
+        assert error < 1e-4, (v.name, error)
     np.testing.assert_allclose(l_fast.numpy(), l_slow.numpy(), rtol=1e-5)
     np.testing.assert_allclose(logits_fast.numpy(), logits_slow.numpy(), rtol=1e-4, atol=1e-4)
 

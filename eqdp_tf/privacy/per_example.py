@@ -12,9 +12,10 @@ filter gradient into a while-loop over examples. Here instead:
    of dL/dZ belongs to example r // K only.
 3. Each layer turns (X, dL/dZ) into per-example weight gradients with a rule:
    - convolution-like layers (Keras Conv2D, or any layer offering `expanded_kernel()` /
-     `expanded_bias()` such as group convolutions): per-example filter gradient = patches(X)^T
-     dL/dZ, one batched matmul; for layers whose kernel is expanded from a smaller weight, the
-     gradient goes back through the expansion (linear, so its transpose) per example.
+     `expanded_bias()` such as group convolutions and weight-standardised convs): per-example filter
+     gradient = patches(X)^T dL/dZ, one batched matmul; for layers whose kernel is built from their
+     weights (expanded from smaller base filters, or standardised), the gradient goes back through
+     that construction per example.
    - Dense: X^T dL/dZ per example.
    - anything else (e.g. affine normalisation): the layer alone is re-run per example under
      `tf.vectorized_map` (cheap: no convolution inside).
@@ -71,14 +72,19 @@ def conv_geometry(layer):
     return int(k), int(s), layer.padding.upper()
 
 
-def _linear_vjp(build_fn, variable, cotangents):
-    """Per-example transpose of the linear map variable -> build_fn(): [B, *out] -> [B, *variable.shape]."""
+def _kernel_vjp(build_fn, variables, cotangents):
+    """Per-example gradients of ``variables`` from per-example gradients of ``build_fn()`` (the kernel a layer
+    builds from them): [B, *out] -> [[B, *variable.shape] per variable].
+
+    The vector-Jacobian product at the current weights, which every example shares: for a group conv's
+    expansion (linear) its transpose, for weight standardisation (not linear) its Jacobian at this step."""
 
     def one(cotangent):
         with tf.GradientTape() as tape:
-            tape.watch(variable)
+            tape.watch(variables)
             out = build_fn()
-        return tape.gradient(out, variable, output_gradients=cotangent)
+        grads = tape.gradient(out, variables, output_gradients=cotangent)
+        return [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
 
     return tf.vectorized_map(one, cotangents)
 
@@ -207,9 +213,12 @@ def _conv_rule(layer, x, dz, batch, num_views):
     bias_grad = tf.reduce_sum(dz_rows, axis=1)  # [B, C_out]
     grads = []
     if hasattr(layer, "expanded_kernel"):
-        grads.append((layer.kernel, _linear_vjp(layer.expanded_kernel, layer.kernel, kernel_grad)))
-        if getattr(layer, "bias", None) is not None:
-            grads.append((layer.bias, _linear_vjp(layer.expanded_bias, layer.bias, bias_grad)))
+        bias = getattr(layer, "bias", None)
+        # Everything but the bias may enter the kernel: the base filters, and a weight-standardised conv's gains.
+        sources = [v for v in layer.trainable_weights if bias is None or v is not bias]
+        grads.extend(zip(sources, _kernel_vjp(layer.expanded_kernel, sources, kernel_grad)))
+        if bias is not None:
+            grads.append((bias, _kernel_vjp(layer.expanded_bias, [bias], bias_grad)[0]))
     else:
         grads.append((layer.kernel, kernel_grad))
         if layer.use_bias:

@@ -36,6 +36,8 @@ def resolve_jit(choice):
 
 
 def build_model(cfg):
+    if cfg.architecture == "wrn16_4":
+        return models.build_model(cfg.architecture, weight_standardization=cfg.wrn_weight_standardization)
     return models.build_model(cfg.architecture, group=cfg.group, restrict=cfg.restricted_group, head=cfg.head)
 
 

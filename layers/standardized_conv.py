@@ -1,0 +1,126 @@
+"""Scaled weight standardisation (Qiao et al. 2019; Brock et al. 2021): a convolution whose filters are
+renormalised before every use.
+
+Each output filter w_o (its k*k*C_in fan-in weights) is replaced by
+
+    w_hat_o = gain_o * (w_o - mean(w_o)) / sqrt(max(N * var(w_o), epsilon)),    N = k*k*C_in,
+
+so every filter has zero mean and norm gain_o, whatever the optimiser did to the raw weights. De et al. (2022)
+use it in their DP WRN baselines with GroupNorm: under DP-SGD the noise added to every raw weight cannot grow the
+filters' scale, which keeps the effective learning rate from drifting.
+
+Like the group convolutions, the layer is a plain ``tf.nn.conv2d`` with a kernel built from its weights
+(``expanded_kernel``): the per-example engine differentiates the convolution as for any conv and then takes each
+example's kernel gradient back through the standardisation (its Jacobian at the current weights), and export
+freezes the layer into the ordinary ``Conv2D`` it computes.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def _positive_int(name, value):
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name} must be an int or an equal (n, n) pair, got {value!r}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+@tf.keras.utils.register_keras_serializable(package="eqdp")
+class StandardizedConv2D(tf.keras.layers.Layer):
+    """``Conv2D`` with scaled weight standardisation, a learnable gain per filter (init 1) and a bias (init 0).
+
+    ``epsilon`` bounds N * var(w) from below (De et al.: 1e-4), so that a filter whose weights all became equal
+    does not divide by zero. Initialisation: unit-variance fan-in normal, as De et al. (the standardisation makes
+    the result nearly insensitive to it).
+    """
+
+    def __init__(self, filters, kernel_size, strides=1, padding="same", use_bias=True, use_gain=True,
+                 epsilon=1e-4, kernel_initializer=None, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = _positive_int("filters", filters)
+        self.kernel_size = _positive_int("kernel_size", kernel_size)
+        self.strides = _positive_int("strides", strides)
+        padding = str(padding).lower()
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+        self.padding = padding
+        self.use_bias = bool(use_bias)
+        self.use_gain = bool(use_gain)
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+            raise ValueError(f"epsilon must be a positive number, got {epsilon!r}")
+        self.epsilon = float(epsilon)
+        self.kernel_initializer = tf.keras.initializers.get(
+            kernel_initializer or tf.keras.initializers.VarianceScaling(1.0, "fan_in", "untruncated_normal"))
+        self.input_spec = tf.keras.layers.InputSpec(ndim=4)
+
+    def build(self, input_shape):
+        in_channels = tf.TensorShape(input_shape)[-1]
+        if in_channels is None:
+            raise ValueError(f"{self.name}: the channel dimension of the input must be known, got {input_shape}")
+        k = self.kernel_size
+        self.kernel = self.add_weight(name="kernel", shape=(k, k, int(in_channels), self.filters),
+                                      initializer=self.kernel_initializer, trainable=True)
+        self.gain = (self.add_weight(name="gain", shape=(self.filters,), initializer="ones", trainable=True)
+                     if self.use_gain else None)
+        self.bias = (self.add_weight(name="bias", shape=(self.filters,), initializer="zeros", trainable=True)
+                     if self.use_bias else None)
+        self.input_spec = tf.keras.layers.InputSpec(ndim=4, axes={-1: int(in_channels)})
+        super().build(input_shape)
+
+    def expanded_kernel(self):
+        """The standardised ``[k, k, C_in, filters]`` kernel the convolution uses (computed in float32)."""
+        kernel = tf.cast(self.kernel, tf.float32)
+        mean, variance = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
+        fan_in = float(np.prod(kernel.shape[:-1]))
+        scale = tf.math.rsqrt(tf.maximum(variance * fan_in, self.epsilon))
+        if self.gain is not None:
+            scale = scale * tf.cast(self.gain, tf.float32)
+        return tf.cast((kernel - mean) * scale, self.compute_dtype)
+
+    def expanded_bias(self):
+        """The bias as the convolution adds it (or None)."""
+        return None if self.bias is None else tf.cast(self.bias, self.compute_dtype)
+
+    def call(self, inputs):
+        outputs = tf.nn.conv2d(inputs, self.expanded_kernel(), strides=self.strides, padding=self.padding.upper())
+        if self.bias is not None:
+            outputs = tf.nn.bias_add(outputs, self.expanded_bias())
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        out = []
+        for size in input_shape[1:3]:
+            if size is None:
+                out.append(None)
+                continue
+            size = int(size) if self.padding == "same" else int(size) - self.kernel_size + 1
+            out.append((size - 1) // self.strides + 1)
+        return tf.TensorShape([input_shape[0], out[0], out[1], self.filters])
+
+    def to_conv2d(self, name=None):
+        """An ordinary built ``tf.keras.layers.Conv2D`` with the standardised kernel frozen in (for serving)."""
+        if not self.built:
+            raise ValueError(f"{self.name}: build the layer (call it once) before freezing it")
+        conv = tf.keras.layers.Conv2D(self.filters, self.kernel_size, strides=self.strides, padding=self.padding,
+                                      use_bias=self.use_bias, name=name or self.name, dtype=self.dtype_policy)
+        conv.build(tf.TensorShape([None, None, None, self.input_spec.axes[-1]]))
+        weights = [self.expanded_kernel().numpy()]
+        if self.use_bias:
+            weights.append(self.expanded_bias().numpy())
+        conv.set_weights(weights)
+        return conv
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "filters": self.filters, "kernel_size": self.kernel_size, "strides": self.strides,
+            "padding": self.padding, "use_bias": self.use_bias, "use_gain": self.use_gain,
+            "epsilon": self.epsilon,
+            "kernel_initializer": tf.keras.initializers.serialize(self.kernel_initializer),
+        })
+        return config
