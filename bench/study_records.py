@@ -78,7 +78,9 @@ def _model_key(config):
 
 
 def _parameter_count(config, cache={}):
-    key = (config["architecture"], config["group"], config["restrict"], config["head"])
+    # Runs recorded before the flag existed trained WRN-16-4 without weight standardisation.
+    standardised = config["architecture"] == "wrn16_4" and config.get("wrn_weight_standardization", False)
+    key = (config["architecture"], config["group"], config["restrict"], config["head"], standardised)
     if key not in cache:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         sys.path.insert(0, REPO_ROOT)
@@ -87,8 +89,9 @@ def _parameter_count(config, cache={}):
         from eqdp_tf.models.names import restricted_group
 
         restrict = restricted_group(config["restrict"])
+        extra = {"weight_standardization": standardised} if config["architecture"] == "wrn16_4" else {}
         cache[key] = models.build_model(config["architecture"], group=config["group"], restrict=restrict,
-                                        head=config["head"]).count_params()
+                                        head=config["head"], **extra).count_params()
     return cache[key]
 
 

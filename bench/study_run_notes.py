@@ -30,6 +30,8 @@ SHARED_CPU = {
                       "rebuilds in its first 10 minutes (views/s and wall time understate its speed alone, slightly)",
     "tan_eq_d4d2_k4_eps8_b64": "shared the two cores with about three minutes of low-priority (nice 19) tests "
                                "(views/s and wall time understate its speed alone, slightly)",
+    "tan_eq_d4d2_eps8_b64": "shared the two cores with about a minute of low-priority (nice 19) tests in its 27th "
+                            "minute (views/s and wall time understate its speed alone, slightly)",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
