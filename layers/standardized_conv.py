@@ -81,6 +81,36 @@ class StandardizedConv2D(tf.keras.layers.Layer):
             scale = scale * tf.cast(self.gain, tf.float32)
         return tf.cast((kernel - mean) * scale, self.compute_dtype)
 
+    def weight_gradients_from_kernel(self, kernel_grads):
+        """Per-example gradients of the raw weights from per-example gradients of the standardised kernel.
+
+        ``kernel_grads`` [B, k, k, C_in, filters] -> [(kernel, [B, k, k, C_in, filters]), (gain, [B, filters])] (the
+        gain only with ``use_gain``). The Jacobian of the standardisation at the current weights, written out:
+        with u = w - mean(w) and s = sqrt(N var(w)) per filter, r = u / s and d a filter's kernel gradient,
+
+            dL/dgain = r . d,        dL/dw = (gain / s) * (d - mean(d) - r (r . d)),
+
+        and without the last term where N var(w) < epsilon (there s = sqrt(epsilon) does not depend on w). Every
+        example shares the Jacobian, so this is a few elementwise passes over the batch instead of differentiating
+        the standardisation once per example (the per-example engine's generic route, ~2-3x slower here).
+        """
+        d = tf.cast(kernel_grads, tf.float32)
+        kernel = tf.cast(self.kernel, tf.float32)
+        mean, variance = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
+        fan_in = float(np.prod(kernel.shape[:-1]))
+        squared_norm = variance * fan_in
+        scale = tf.math.rsqrt(tf.maximum(squared_norm, self.epsilon))
+        r = (kernel - mean) * scale
+        r_dot_d = tf.reduce_sum(r * d, axis=[1, 2, 3], keepdims=True)  # [B, 1, 1, 1, filters]
+        # tf.maximum passes the gradient to its first argument on ties, so the projection is kept there too.
+        projected = tf.cast(squared_norm >= self.epsilon, tf.float32) * r * r_dot_d
+        gain = tf.cast(self.gain, tf.float32) if self.gain is not None else 1.0
+        kernel_grad = gain * scale * (d - tf.reduce_mean(d, axis=[1, 2, 3], keepdims=True) - projected)
+        grads = [(self.kernel, tf.cast(kernel_grad, self.kernel.dtype))]
+        if self.gain is not None:
+            grads.append((self.gain, tf.cast(r_dot_d[:, 0, 0, 0, :], self.gain.dtype)))
+        return grads
+
     def expanded_bias(self):
         """The bias as the convolution adds it (or None)."""
         return None if self.bias is None else tf.cast(self.bias, self.compute_dtype)

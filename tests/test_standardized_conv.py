@@ -75,6 +75,23 @@ def test_per_example_gradients_through_the_standardisation_match_autodiff():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5 * float(tf.reduce_max(tf.abs(b))))
 
 
+@pytest.mark.parametrize("use_gain", [True, False])
+def test_written_out_jacobian_matches_differentiating_the_standardisation(use_gain):
+    from eqdp_tf.privacy import per_example
+
+    layer = _built(use_gain=use_gain)
+    # One filter constant: there N var(w) < epsilon, and the kernel no longer depends on w through the norm.
+    layer.kernel.assign(tf.concat([tf.fill(layer.kernel.shape[:-1] + [1], 0.3), layer.kernel[..., 1:]], axis=-1))
+    cotangents = tf.random.stateless_normal([3, *layer.kernel.shape], seed=[5, 6])
+    sources = [layer.kernel] + ([layer.gain] if use_gain else [])
+    expected = per_example._kernel_vjp(layer.expanded_kernel, sources, cotangents)
+    written = layer.weight_gradients_from_kernel(cotangents)
+    assert [v.name for v, _ in written] == [v.name for v in sources]
+    for (_, got), want in zip(written, expected):
+        assert float(tf.reduce_max(tf.abs(want))) > 0
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5 * float(tf.reduce_max(tf.abs(want))))
+
+
 def test_clipped_sum_never_takes_the_ghost_route_for_a_standardised_conv():
     # The ghost norm is that of the kernel the conv uses, not of the raw weights and gains DP-SGD updates.
     layer = _built()

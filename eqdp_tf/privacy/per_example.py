@@ -214,9 +214,14 @@ def _conv_rule(layer, x, dz, batch, num_views):
     grads = []
     if hasattr(layer, "expanded_kernel"):
         bias = getattr(layer, "bias", None)
-        # Everything but the bias may enter the kernel: the base filters, and a weight-standardised conv's gains.
-        sources = [v for v in layer.trainable_weights if bias is None or v is not bias]
-        grads.extend(zip(sources, _kernel_vjp(layer.expanded_kernel, sources, kernel_grad)))
+        if hasattr(layer, "weight_gradients_from_kernel"):
+            # The layer writes out its kernel construction's Jacobian (weight standardisation): cheaper than the
+            # generic per-example differentiation below.
+            grads.extend(layer.weight_gradients_from_kernel(kernel_grad))
+        else:
+            # Everything but the bias may enter the kernel (a group conv's base filters).
+            sources = [v for v in layer.trainable_weights if bias is None or v is not bias]
+            grads.extend(zip(sources, _kernel_vjp(layer.expanded_kernel, sources, kernel_grad)))
         if bias is not None:
             grads.append((bias, _kernel_vjp(layer.expanded_bias, [bias], bias_grad)[0]))
     else:
