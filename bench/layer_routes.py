@@ -10,13 +10,15 @@ own tf.function (median of --steps after --warmup):
   for a group conv, of the expanded kernel, then back through the expansion once);
 - *materialise*: `clipped_sum.materialise_route`, the per-example gradients, their squared norms and the
   weighted sum;
-- *ghost*: `clipped_sum.ghost_route`, Gram-matrix norms and one batched gradient of the reweighted dL/dZ (only
-  where the ghost norm is exact: ordinary convs, C1 group convs, Dense).
+- *ghost*: `clipped_sum.ghost_route`, Gram-matrix norms and one batched gradient of the reweighted dL/dZ, where
+  the ghost norm is exact (ordinary convs, C1 group convs, Dense); for group convs over exact groups
+  `clipped_sum.gather_ghost_route` instead (`gather_ghost.py`), named in the last column.
 
-Beside them the cost model's input, the Gram matrices' multiply-adds per example over the layer's weights
-(`gram/p`), and what `ghost_pays` decides. Where the ghost and materialise times cross in gram/p is what
-`clipped_sum.GHOST_MACS_PER_WEIGHT` stands for; materialise minus batched is the DP step's extra time on that
-layer. Needs a quiet CPU.
+Beside them the cost model's input, the Gram matrices' multiply-adds per example over the entries of the
+per-example gradient the materialise route forms (`gram/entries`: the layer's weights p; for a group conv, its
+expanded kernel's entries too), and what `ghost_pays` decides. Where the ghost and materialise times cross in
+gram/entries is what `clipped_sum.GHOST_MACS_PER_WEIGHT` stands for; materialise minus batched is the DP step's
+extra time on that layer. Needs a quiet CPU.
 """
 
 import argparse
@@ -94,20 +96,21 @@ def main(argv=None):
     tf.get_logger().setLevel("ERROR")  # one tf.function per layer and route is the point here, not a retracing bug
     print(f"batch {args.batch}, K = 1, median of {args.steps} runs, ms per layer; TensorFlow {tf.__version__}")
     print("| model | layer | X | dL/dZ | weights p | batched ms | materialise ms | ghost ms | ghost/materialise | "
-          "gram/p | ghost_pays |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "gram/entries | ghost_pays | ghost route |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = build_model(**MODELS[name])
         for layer, x, dz in _recorded_layers(model, args.batch):
             weights = sum(int(tf.size(v)) for v in layer.trainable_variables)
             batched = _timed(lambda: _batched_weight_gradient(layer, x, dz), args)
             materialise = _timed(_route_fn(clipped_sum.materialise_route, layer, x, dz, args.batch), args)
-            ghost_cells = ["–"] * 4
-            if clipped_sum.ghost_allowed(layer, x, dz, 1):
-                ghost = _timed(_route_fn(clipped_sum.ghost_route, layer, x, dz, args.batch), args)
-                ghost_cells = [f"{ghost:.1f}", f"{ghost / materialise:.2f}",
-                               f"{clipped_sum.ghost_gram_macs(layer, x, dz, 1) / weights:.1f}",
-                               str(clipped_sum.ghost_pays(layer, x, dz, 1))]
+            ghost_cells = ["–"] * 5
+            cost = clipped_sum.route_cost(layer, x, dz, 1)
+            if cost is not None:
+                route = clipped_sum.ghost_route if cost[0] == "ghost" else clipped_sum.gather_ghost_route
+                ghost = _timed(_route_fn(route, layer, x, dz, args.batch), args)
+                ghost_cells = [f"{ghost:.1f}", f"{ghost / materialise:.2f}", f"{cost[1] / cost[2]:.1f}",
+                               str(clipped_sum.ghost_pays(layer, x, dz, 1)), cost[0]]
             print(f"| {name} | {layer.name} | {list(x.shape[1:])} | {list(dz.shape[1:])} | {weights} | {batched:.1f} | "
                   f"{materialise:.1f} | " + " | ".join(ghost_cells) + " |", flush=True)
 

@@ -91,6 +91,18 @@ class _GroupConvBase(tf.keras.layers.Layer):
         """The ``[k, k, in_channels, filters * |G|]`` kernel of the equivalent ordinary convolution."""
         raise NotImplementedError
 
+    def kernel_gather_index(self):
+        """Where each expanded weight comes from, for exact groups: int array ``[|G|, k*k*in_channels]``, or None
+        for interpolated groups (C8, D8, ...), whose expansion mixes taps.
+
+        With the expanded kernel read as ``[k*k*in_channels, filters, |G|]`` and the base kernel as
+        ``[k*k*in_channels, filters]`` (both in their own row-major order), column (f, g) of the first is column f
+        of the second gathered by row ``index[g]``: each ``index[g]`` is a permutation of the rows. The bias is
+        shared in the same way, ``expanded_bias()[f*|G| + g] = bias[f]``. This is all that DP-SGD's ghost norms of
+        the base filters need to know of the layer: they never see the group.
+        """
+        raise NotImplementedError
+
     def build(self, input_shape):
         input_shape = tf.TensorShape(input_shape)
         in_channels = input_shape[-1]
@@ -238,6 +250,14 @@ class LiftingConv2D(_GroupConvBase):
             stacked = tf.einsum("gpq,qcf->pcfg", ops, flat)
         return tf.reshape(stacked, [k, k, in_ch, self.filters * order])
 
+    def kernel_gather_index(self):
+        taps = kernels.lifting_indices(self.group, self.kernel_size)  # [G, k*k]: tap p of orientation g <- taps[g, p]
+        if taps is None:
+            return None
+        in_ch = self.kernel.shape[-2]
+        index = taps[:, :, None] * in_ch + np.arange(in_ch)[None, None, :]  # row (p, c) <- (taps[g, p], c)
+        return index.reshape(self.group.order, -1).astype(np.int64)
+
 
 @tf.keras.utils.register_keras_serializable(package="eqdp")
 class GroupConv2D(_GroupConvBase):
@@ -280,3 +300,16 @@ class GroupConv2D(_GroupConvBase):
             stacked = tf.einsum("gpq,gqhcf->gphcf", ops, stacked)
         stacked = tf.transpose(stacked, [1, 3, 2, 4, 0])  # [k*k, C, G_in, F, G_out]
         return tf.reshape(stacked, [k, k, in_fields * order, self.filters * order])
+
+    def kernel_gather_index(self):
+        if kernels.spatial_permutation(self.group, self.kernel_size) is None:
+            return None
+        order = self.group.order
+        in_fields = self.kernel.shape[-3]
+        # [G_out, k*k, G_in] into the base flattened as [k*k, G_in], as _build_expansion gathers
+        flat = kernels.group_conv_indices(self.group, self.kernel_size)
+        taps, orientations = flat // order, flat % order
+        fields = np.arange(in_fields)[None, None, :, None]
+        # row (p, c, h) of orientation g <- base row (taps[g, p, h], c, orientations[g, p, h])
+        index = (taps[:, :, None, :] * in_fields + fields) * order + orientations[:, :, None, :]
+        return index.reshape(order, -1).astype(np.int64)

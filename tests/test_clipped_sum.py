@@ -79,7 +79,10 @@ def test_ghost_pays_where_rows_are_few_and_weights_many():
     assert not decide(tf.keras.layers.Conv2D(256, 3, padding="same"), 8, 256, views=16)  # K views multiply the rows
     from layers import GroupConv2D
 
-    assert not decide(GroupConv2D(39, 3, group="D2"), 4, 156)  # shared filters: the base gradient is needed
+    # shared filters: by the gather identity (gather_ghost) at the paper model's 4x4 and 8x8 layers, not at 16x16
+    assert decide(GroupConv2D(39, 3, group="D2"), 4, 156) and decide(GroupConv2D(39, 3, group="D2"), 8, 312)
+    assert not decide(GroupConv2D(13, 3, group="D4"), 16, 104)
+    assert not decide(GroupConv2D(39, 3, group="C8"), 4, 312)  # interpolated: no gather, so it materialises
     dense = tf.keras.layers.Dense(10)
     x = tf.zeros([4, 256])
     assert clipped_sum.ghost_pays(dense, x, tf.zeros_like(dense(x)), 1)

@@ -7,8 +7,8 @@ output gradient dZ of every layer with weights), layer by layer, choosing per la
 
 - **materialise** (as `per_example.py` does): form the layer's per-example gradients, take their squared
   norms, keep them until the clip factors are known, then sum them weighted. Cheap where a layer has few
-  weights or many output positions; always used for group convolutions, whose weights are the *base*
-  filters: their norm needs the gradient taken back through the kernel expansion.
+  weights or many output positions; the only route for layers whose kernel is built from their weights by
+  anything but a gather (interpolated group convolutions, weight standardisation).
 - **ghost** (Goodfellow 2015; Li et al. 2022; Bu et al. 2023, "book-keeping"): for a layer computing
   Z = A W from patch rows A (convolution, Dense), g_i = A_i^T dZ_i, so
 
@@ -19,15 +19,22 @@ output gradient dZ of every layer with weights), layer by layer, choosing per la
   offsets, so patches are never formed. The weighted sum is then ONE ordinary batched weight gradient,
   A^T (c * dZ), exactly what non-private training computes. Cheap where T is small against the weights
   (late, low-resolution layers; Dense), and nothing of size B x weights is ever held for those layers.
+- **gather ghost** (`gather_ghost.py`): the same for convolutions whose kernel is gathered from shared base
+  filters (group convolutions over exact groups). The plain ghost norm would be that of the expanded kernel's
+  gradient, which counts each shared weight once per copy; the base filters' norm is a sum of n inner products
+  of T x T Grams (the patches against their copies permuted as the gather relates two copies, and the output
+  gradients of the copies so related). The weighted sum is again one batched weight gradient, moved back
+  through the gather once.
 
-Both give the same norms and the same sum to float rounding (tests/test_clipped_sum.py). The choice is made
-per layer from static shapes by `ghost_pays`: the Gram matrices' multiply-adds against what materialising
-costs beyond the same weight-gradient multiply-adds (moving B x p entries).
+All give the same norms and the same sum to float rounding (tests/test_clipped_sum.py,
+tests/test_gather_ghost.py). The choice is made per layer from static shapes by `ghost_pays`: the Gram
+matrices' multiply-adds against what materialising costs beyond the same weight-gradient multiply-adds (moving
+B x (entries of the per-example gradient it forms)).
 """
 
 import tensorflow as tf
 
-from eqdp_tf.privacy import per_example
+from eqdp_tf.privacy import gather_ghost, per_example
 
 NORM_METHODS = ("auto", "materialise", "ghost")
 
@@ -45,12 +52,14 @@ def _static_dims(x, dz):
     return None if any(d is None for d in dims) else dims
 
 
-def ghost_allowed(layer, x, dz, num_views):
+def ghost_allowed(layer, x, dz, num_views, ignore_activation=False):
     """True when the ghost norm is exact for ``layer``: an ordinary convolution (or one whose kernel expansion is
-    the identity) or a Dense layer on [rows, features], with static shapes and ``num_views`` a Python int."""
+    the identity) or a Dense layer on [rows, features], with static shapes and ``num_views`` a Python int.
+
+    ``ignore_activation``: ``dz`` is the gradient at the pre-activation output (TF-Privacy's fast clipping)."""
     if not isinstance(num_views, int):
         return False
-    if per_example.conv_rule_applies(layer) and _identity_expansion(layer):
+    if per_example.conv_rule_applies(layer, ignore_activation) and _identity_expansion(layer):
         return _static_dims(x, dz) is not None
     return per_example.is_dense(layer) and x.shape.rank == 2 and None not in (x.shape[-1], dz.shape[-1])
 
@@ -63,6 +72,15 @@ def ghost_allowed(layer, x, dz, num_views):
 # `bench/layer_routes.py` (B = 128, quiet 2-core EPYC; docs/benchmarks/layer_routes_2026-12-01.md): ghost /
 # materialise time was 0.27-0.65 at gram/p 2-21, 0.81 at 40, 1.41-1.53 at 152, 2.1 at 288 and 3.5-200 above: the
 # two cross between 40 and 152.
+#
+# The gather ghost route (group convolutions) is priced the same way, per entry of the per-example gradient the
+# materialise route forms: there the expanded kernel's, n times the base filters' (`gather_ghost.
+# materialised_entries`: the expanded kernel's, n times the base filters', and then the base filters'), written,
+# read back through the expansion's transpose, then written and read again. Chosen from the same table:
+# materialising stage4 / res2a / res2b of the paper model (D2, n = 4, 8x8 and 4x4) cost 4.5-4.8 ns per base
+# weight and example over the batched gradient, 0.9-1.0 ns per entry formed (5 per base weight), as a plain 8x8
+# conv's ~1.0 ns per weight (WRN-16-4's last stage). The route itself is not yet measured: bench/layer_routes.py
+# times it beside the others, for the lead to calibrate.
 GHOST_MACS_PER_WEIGHT = 64
 
 
@@ -83,13 +101,30 @@ def ghost_gram_macs(layer, x, dz, num_views):
     return input_rows**2 * c_in + k * k * rows**2 + rows**2 * c_out
 
 
-def ghost_pays(layer, x, dz, num_views):
-    """True when ``layer``'s ghost route should be faster than materialising its per-example gradients: its Gram
-    matrices cost fewer than GHOST_MACS_PER_WEIGHT multiply-adds per weight of the layer."""
-    if not ghost_allowed(layer, x, dz, num_views):
-        return False
-    weights = sum(int(v.shape.num_elements()) for v in layer.trainable_variables)
-    return ghost_gram_macs(layer, x, dz, num_views) < GHOST_MACS_PER_WEIGHT * weights
+def gather_ghost_allowed(layer, x, dz, num_views):
+    """True when the gather ghost route gives ``layer``'s exact norms and the plain one does not (a group conv over
+    an exact group with more than one element; `gather_ghost.allowed`)."""
+    return not ghost_allowed(layer, x, dz, num_views) and gather_ghost.allowed(layer, x, dz, num_views)
+
+
+def route_cost(layer, x, dz, num_views, ignore_activation=False):
+    """(route name, Gram multiply-adds per example, per-example gradient entries the materialise route forms)
+    of the ghost route exact for ``layer`` ('ghost' or 'gather_ghost'), or None when neither is."""
+    if ghost_allowed(layer, x, dz, num_views, ignore_activation):
+        weights = sum(int(v.shape.num_elements()) for v in layer.trainable_variables)
+        return "ghost", ghost_gram_macs(layer, x, dz, num_views), weights
+    if gather_ghost_allowed(layer, x, dz, num_views):
+        return ("gather_ghost", gather_ghost.gram_macs(layer, x, dz, num_views),
+                gather_ghost.materialised_entries(layer))
+    return None
+
+
+def ghost_pays(layer, x, dz, num_views, ignore_activation=False):
+    """True when one of ``layer``'s ghost routes should be faster than materialising its per-example gradients:
+    its Gram matrices cost fewer than GHOST_MACS_PER_WEIGHT multiply-adds per entry of the per-example gradient
+    materialising forms (the layer's weights; for a gathered kernel, its expanded kernel's entries too)."""
+    cost = route_cost(layer, x, dz, num_views, ignore_activation)
+    return cost is not None and cost[1] < GHOST_MACS_PER_WEIGHT * cost[2]
 
 
 def _conv_patch_gram(x, k, s, padding, batch, num_views):
@@ -173,6 +208,28 @@ def ghost_route(layer, x, dz, batch, num_views):
     return squared, weighted_sum
 
 
+def gather_ghost_route(layer, x, dz, batch, num_views):
+    """([B] squared norms, weights -> [(variable, sum_i weights_i g_i)]) of a layer with a gathered kernel
+    (`gather_ghost_allowed`) by the identity of `gather_ghost` and one batched weight gradient."""
+    squared = gather_ghost.squared_norms(layer, x, dz, batch, num_views)
+
+    def weighted_sum(weights):
+        return gather_ghost.weighted_sum(layer, x, dz, tf.cast(tf.repeat(weights, num_views), dz.dtype))
+
+    return squared, weighted_sum
+
+
+def squared_norms(layer, x, dz, batch, num_views, norm_method="auto", ignore_activation=False):
+    """[B] per-example squared norms of ``layer``'s weight gradient by the route `norm_method` picks (the norms
+    only: TF-Privacy's fast clipping forms the clipped sum itself)."""
+    route = _route(norm_method, layer, x, dz, num_views, ignore_activation)
+    if route is ghost_route:
+        return _ghost_squared_norm(layer, x, dz, batch, num_views)
+    if route is gather_ghost_route:
+        return gather_ghost.squared_norms(layer, x, dz, batch, num_views)
+    return None
+
+
 def clipped_gradient_sum(model, loss_fn, views, labels, reduce_views, l2_norm_clip, mask, norm_method="auto"):
     """Masked sum of the clipped per-example gradients of ``model`` (see module doc).
 
@@ -182,8 +239,8 @@ def clipped_gradient_sum(model, loss_fn, views, labels, reduce_views, l2_norm_cl
       views: [B, K, H, W, C]; labels [B, ...]; mask [B] (0 for padding rows).
       reduce_views: [B, K] per-view losses -> [B] per-example losses.
       l2_norm_clip: C.
-      norm_method: 'auto' (per layer, `ghost_pays`), 'materialise' or 'ghost' (ghost wherever the layer
-        allows it; for tests and measurements).
+      norm_method: 'auto' (per layer, `ghost_pays`), 'materialise' or 'ghost' (a ghost route, plain or
+        gather, wherever the layer allows one; for tests and measurements).
 
     Returns:
       (sums aligned with model.trainable_variables, norms [B] before clipping, losses [B], logits [B, K, ...]).
@@ -203,17 +260,16 @@ def clipped_gradient_sum(model, loss_fn, views, labels, reduce_views, l2_norm_cl
     squared = []
     weighted_sums = []  # per layer: clip factors [B] -> [(variable, masked clipped sum)]
     previous_layer = []
+    # One layer at a time: a group conv's per-example gradient of its *expanded* kernel is |G| times the size of
+    # the base-filter gradient kept afterwards; left to the scheduler, several layers' were alive at once.
     for layer, x, dz in recorded:
         if dz is None:
             continue
         x = tf.cast(x, dz.dtype)
-        # One layer at a time: a group conv's per-example gradient of its *expanded* kernel is |G| times the size
-        # of the base-filter gradient kept afterwards; left to the scheduler, several layers' were alive at once.
         with tf.control_dependencies(previous_layer):
-            if _use_ghost(norm_method, layer, x, dz, static_views):
-                layer_squared, weighted_sum = ghost_route(layer, x, dz, batch, static_views)
-            else:
-                layer_squared, weighted_sum = materialise_route(layer, x, dz, batch, num_views)
+            route = _route(norm_method, layer, x, dz, static_views)
+            views = num_views if route is materialise_route else static_views
+            layer_squared, weighted_sum = route(layer, x, dz, batch, views)
         squared.append(tf.cast(layer_squared, tf.float32))
         weighted_sums.append(weighted_sum)
         previous_layer = [squared[-1]]
@@ -235,9 +291,11 @@ def clipped_gradient_sum(model, loss_fn, views, labels, reduce_views, l2_norm_cl
     return grads, norms, losses, logits
 
 
-def _use_ghost(norm_method, layer, x, dz, num_views):
+def _route(norm_method, layer, x, dz, num_views, ignore_activation=False):
+    """The route function for ``layer`` under ``norm_method`` (see `clipped_gradient_sum`)."""
     if norm_method == "materialise":
-        return False
-    if norm_method == "ghost":
-        return ghost_allowed(layer, x, dz, num_views)
-    return ghost_pays(layer, x, dz, num_views)
+        return materialise_route
+    cost = route_cost(layer, x, dz, num_views, ignore_activation)
+    if cost is None or (norm_method == "auto" and cost[1] >= GHOST_MACS_PER_WEIGHT * cost[2]):
+        return materialise_route
+    return ghost_route if cost[0] == "ghost" else gather_ghost_route
