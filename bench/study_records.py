@@ -70,7 +70,8 @@ def load_records(records_dir=RECORDS_DIR):
 
 def _model_key(config):
     if config["architecture"] == "wrn16_4":
-        return "wrn16_4"
+        # Runs recorded before the flag existed trained plain convs.
+        return "wrn16_4_ws" if config.get("wrn_weight_standardization", False) else "wrn16_4"
     group, restrict = config["group"].lower(), config["restrict"].lower()
     if group == "c1":
         return "cnn_c1"

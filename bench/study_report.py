@@ -8,12 +8,19 @@ from study_records import RECORDS_DIR, REPO_ROOT, STUDY_DIR, load_records, summa
 
 README_MARKERS = ("<!-- study-table -->", "<!-- /study-table -->")
 
-# Published full-scale CIFAR-10 results (GPU budgets), listed beside ours, never mixed with them.
+# Published full-scale private CIFAR-10 results (GPU budgets): (who, model, epsilon, test accuracy %); listed beside
+# ours, never mixed with them.
 PUBLISHED = [
-    ("De et al. 2022", "WRN-40-4", "8", "81.4%"),
-    ("Klause et al. 2022", "ResNet-9", "8", "82.5%"),
-    ("Tramèr & Boneh 2021", "ScatterNet+CNN", "3", "69.3%"),
+    ("De et al. 2022", "WRN-40-4", 8, 81.4),
+    ("Klause et al. 2022", "ResNet-9", 8, 82.5),
+    ("Tramèr & Boneh 2021", "ScatterNet+CNN", 3, 69.3),
 ]
+
+
+def markdown(header, rows):
+    """A markdown table: the header, then one line per row of cells."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
+                     ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
 
 
 def row_order(row):
@@ -22,23 +29,18 @@ def row_order(row):
 
 
 def _table(rows):
-    header = ["run", "model", "parameters", "ε (δ=1e-5)", "σ", "steps × batch", "views/s", "test acc. (EMA)",
-              "wall time"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        eps = "∞ (non-private)" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
-        sigma = "–" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
-        rate = "–" if r["views_per_sec"] is None else f"{r['views_per_sec']:.0f}"
-        lines.append(f"| {r['name']} | {MODEL_LABELS[r['model']]} | {r['parameters']:,} | {eps} | {sigma} | "
-                     f"{r['steps']} × {r['batch']} | {rate} | {100 * r['test_accuracy']:.1f}% | "
-                     f"{r['wall_minutes']:.0f} min |")
-    return "\n".join(lines)
+    return markdown(["run", "model", "parameters", "ε (δ=1e-5)", "σ", "steps × batch", "views/s", "test acc. (EMA)",
+                     "wall time"],
+                    [[r["name"], MODEL_LABELS[r["model"]], f"{r['parameters']:,}",
+                      "∞ (non-private)" if r["epsilon"] is None else f"{r['epsilon']:.2f}",
+                      "–" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}",
+                      f"{r['steps']} × {r['batch']}", "–" if r["views_per_sec"] is None else f"{r['views_per_sec']:.0f}",
+                      f"{100 * r['test_accuracy']:.1f}%", f"{r['wall_minutes']:.0f} min"] for r in rows])
 
 
 def _published_table():
-    lines = ["| published (full-scale, GPU) | model | ε | test accuracy |", "|---|---|---|---|"]
-    lines += [f"| {who} | {model} | {eps} | {acc} |" for who, model, eps, acc in PUBLISHED]
-    return "\n".join(lines)
+    return markdown(["published (full-scale, GPU)", "model", "ε", "test accuracy"],
+                    [[who, model, eps, f"{acc}%"] for who, model, eps, acc in PUBLISHED])
 
 
 def save_plot(plt, fig, ax, xlabel, title, filename):

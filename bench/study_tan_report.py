@@ -1,166 +1,187 @@
-"""The paper-regime report (TAN simulation): the table and plots from the committed records, the findings from
-study_tan_findings.py, written to RESULTS.md and README."""
+"""The paper-regime report (TAN simulation): the tables of ``study_tan_tables.py``, a short findings paragraph whose
+every number is in those tables, the per-run table and two plots; written to RESULTS.md and README."""
 
 import os
 
-from study_plan import MODEL_LABELS, PAPER_BATCH, TAN_BATCH
+from study_plan import MODEL_LABELS, PAPER_BATCH, TAN_BATCH, TAN_BATCHES
 from study_records import STUDY_DIR, TAN_DIR, summarise
-from study_report import save_plot, update_readme, write_results
+from study_report import markdown, save_plot, update_readme, write_results
 from study_run_notes import MACHINE_FROM_SESSION_LOG, SHARED_CPU
-from study_tan_findings import preferred_batch, tan_findings
+import study_tan_tables as tables
 
 TAN_TABLE_MARKERS = ("<!-- paper-regime-table -->", "<!-- /paper-regime-table -->")
 TAN_FINDINGS_MARKERS = ("<!-- paper-regime-findings -->", "<!-- /paper-regime-findings -->")
-
-PAPER_STEPS = 2160
+TIMING_COMMAND = ("python bench/benchmark.py --models eq_resnet9_d4d2,eq_resnet9_c1,wrn16_4 --modes dp --batch-sizes "
+                  f"128 --xla off --no-pipeline --json docs/study/paper_regime/{tables.STEP_TIMES_FILE}")
 
 
 def machine_label(name, machines):
     """A short CPU name: what the run's machine.jsonl says, else the session log's, else "not recorded"."""
     if not machines:
-        return MACHINE_FROM_SESSION_LOG.get(name, "not recorded")
+        known = MACHINE_FROM_SESSION_LOG.get(name)
+        return "not recorded" if known is None else f"{known} (from the session log)"
     labels = []
     for machine in machines:
         cpu = machine["cpu"].split(" (family")[0]
         for noise in ("(R)", "(TM)", " Processor", " CPU"):
             cpu = cpu.replace(noise, "")
-        cpu = cpu.split(" @")[0].strip()
-        simd = machine["simd"].split()
-        units = [unit for flag, unit in (("avx512f", "AVX-512"), ("amx_tile", "AMX")) if flag in simd]
-        label = f"{cpu}, {machine['cores']} cores" + (f" ({', '.join(units)})" if units else "")
-        if label not in labels:
-            labels.append(label)
+        units = [unit for flag, unit in (("avx512f", "AVX-512"), ("amx_tile", "AMX")) if flag in machine["simd"].split()]
+        label = f"{cpu.split(' @')[0].strip()}, {machine['cores']} cores" + (f" ({', '.join(units)})" if units else "")
+        labels += [label] if label not in labels else []
     return " + ".join(labels)
 
 
 def summarise_tan(name, record):
-    """One row of the paper-regime table from a run's records."""
-    config, privacy, metrics = record["config"], record["privacy"], record["metrics"]
+    """One run's row: its summary plus what the paper-regime tables group and compare by."""
+    config, privacy = record["config"], record["privacy"]
     simulated = privacy.get("simulated_run", {})
-    row = summarise(name, {**record, "privacy": privacy})
-    row.update({
-        "simulated_epsilon": simulated.get("epsilon"),
-        "simulated_noise_multiplier": simulated.get("noise_multiplier"),
-        "simulated_batch": simulated.get("batch_size"),
-        "own_epsilon": privacy.get("epsilon"),
-        "noise_multiplier": privacy.get("noise_multiplier"),
-        "step_curve": [(line["step"], line["test_accuracy"]) for line in metrics],
-        "num_views": int(config["num_views"]),
-        "dp_seed": config.get("dp_seed"),  # set only on the repeats of a run (issue 26's seeds)
-        "finished": metrics[-1]["step"] >= int(config["steps"]),
-        "cpu": machine_label(name, record.get("machines", [])),
-        "cpu_from_log": not record.get("machines") and name in MACHINE_FROM_SESSION_LOG,
-    })
-    return row
+    return {**summarise(name, record), "simulated_epsilon": simulated.get("epsilon"),
+            "simulated_batch": simulated.get("batch_size"), "own_epsilon": privacy.get("epsilon"),
+            "step_curve": [(line["step"], line["test_accuracy"]) for line in record["metrics"]],
+            "num_views": int(config["num_views"]), "recipe": tables.recipe(config),
+            "seed": (config.get("seed", 0), config.get("dp_seed")), "cpu": machine_label(name, record.get("machines"))}
 
 
-def tan_row_order(row):
-    """The scaling check (the ordinary CNN at other batches) last; then by model and decreasing simulated epsilon
-    (sigma = 0 first)."""
-    scaling = row["model"] == "cnn_c1" and row["batch"] != TAN_BATCH
-    eps = row["simulated_epsilon"]
-    return scaling, row["model"], -(eps if eps is not None else 1e9), row["batch"]
+def _verdict(c):
+    if c["beyond"] is None:
+        return "one seed each, so chance cannot be told apart"
+    return f"{'beyond' if c['beyond'] else 'within'} the seed spread of {c['spread']:.1f}"
 
 
-def _fmt_eps(value, digits=2):
-    return "∞ (σ = 0)" if value is None else f"{value:.{digits}f}"
+def _lead(c, other):
+    verb = "beats" if c["delta"] > 0 else "trails" if c["delta"] < 0 else "matches"
+    return f"{verb} {other}" + (f" by {abs(c['delta']):.1f} points" if c["delta"] else "") + f" ({_verdict(c)})"
 
 
-def _tan_table(rows):
-    header = ["run", "model", "parameters", "simulated ε (B=8192)", "this run's own ε", "σ (σ at 8192)",
-              "steps × B (× K views)", "views/s", "wall time", "CPU", "test acc. (EMA)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        sigma = "0" if not r["noise_multiplier"] else \
-            f"{r['noise_multiplier']:.4f} ({r['simulated_noise_multiplier']:.2f})"
-        rate = "–" if r["views_per_sec"] is None else f"{r['views_per_sec']:.0f}"
+def findings(configs, comps, published_rows, time_rows, target):
+    """A few sentences worded from the tables only: whatever the numbers say, said plainly."""
+    by_what = {c["what"]: c for c in comps}
+    paragraphs = []
+    parts = [f"at simulated ε = {eps} it {_lead(by_what[what], 'the ordinary CNN')}" for eps in (8, 2, 1)
+             for what in [f"equivariant vs ordinary CNN, simulated ε = {eps}"] if what in by_what]
+    if parts:
+        paragraphs.append("**Equivariant (D4→D2) vs ordinary CNN**, trained alike: " + "; ".join(parts) + ".")
+    fair = tables.fair_wrn_key(configs)
+    if fair is None:
+        paragraphs.append("**WRN-16-4 with its authors' recipe** has not finished yet, so the study does not yet say "
+                          "whether the equivariant model beats a fair WRN-16-4; the WRN-16-4 run with the paper's "
+                          "optimiser is untuned for it and no conclusion rests on it.")
+    else:
+        c = by_what[f"{MODEL_LABELS['eq_d4d2']} (ε 8) vs WRN-16-4 with its authors' recipe"]
+        paragraphs.append(f"**WRN-16-4 with its authors' recipe** ({tables.label(fair)}) reached "
+                          f"{configs[fair]['mean']:.1f}%: the equivariant model at simulated ε = 8 {_lead(c, 'it')}.")
+    k4 = [c for c in comps if c["what"].startswith("K = 4 vs K = 1")]
+    if k4:
+        paragraphs.append("**The paper's K = 4 views** against K = 1 at the same B = 64: " + "; ".join(
+            f"{MODEL_LABELS[c['subject']]} {c['delta']:+.1f} points ({_verdict(c)})" for c in k4) + ".")
+    if published_rows:
+        best = tables.best_private(configs)
+        paragraphs.append(
+            f"**Against the published state of the art**: our best simulated ε = 8 result, {best['mean']:.1f}% "
+            f"({tables.label(best['key'])}; TAN-simulated, against full-scale private runs), is " + ", ".join(
+                f"{abs(d):.1f} points {'above' if d > 0 else 'below'} {who} ({model}, {acc:.1f}%)"
+                for who, model, acc, d in published_rows) + ".")
+    reach = {r["key"][0]: r for r in time_rows if r["reach_hours"] is not None}
+    if fair is not None and "eq_d4d2" in reach and fair[0] in reach:
+        eq, wrn = reach["eq_d4d2"]["reach_hours"], reach[fair[0]]["reach_hours"]
+        paragraphs.append(f"**Compute** (DP-step time per view measured side by side on one CPU): reaching the fair "
+                          f"WRN-16-4's final {target:.1f}% takes the equivariant model {eq:.0f} CPU-hours at full "
+                          f"scale against WRN-16-4's {wrn:.0f} ({abs(100 * (1 - eq / wrn)):.0f}% "
+                          f"{'less' if eq < wrn else 'more'}).")
+    return "\n\n".join(paragraphs)
+
+
+def _runs_table(rows):
+    def cells(r):
         mark = " †" if r["name"] in SHARED_CPU else ""
-        budget = f"{r['steps']} × {r['batch']}" + (f" × {r['num_views']}" if r["num_views"] > 1 else "")
-        cpu = r["cpu"] + (" (from the session log)" if r["cpu_from_log"] else "")
-        lines.append(f"| {r['name']} | {MODEL_LABELS[r['model']]} | {r['parameters']:,} | "
-                     f"{_fmt_eps(r['simulated_epsilon'])} | {_fmt_eps(r['own_epsilon'], 0)} | {sigma} | "
-                     f"{budget} | {rate}{mark} | {r['wall_minutes']:.0f} min{mark} | {cpu} | "
-                     f"{100 * r['test_accuracy']:.1f}% |")
-    return "\n".join(lines)
+        seed, dp_seed = r["seed"]
+        return [r["name"], tables.label(tables.config_key(r)), f"{seed} / {'secret' if dp_seed is None else dp_seed}",
+                "–" if r["own_epsilon"] is None else f"{r['own_epsilon']:.0f}",
+                "–" if r["views_per_sec"] is None else f"{r['views_per_sec']:.0f}{mark}",
+                f"{r['wall_minutes']:.0f} min{mark}", r["cpu"], f"{100 * r['test_accuracy']:.1f}%"]
+    return markdown(["run", "configuration", "seed / DP key", "own ε", "views/s", "wall time", "CPU",
+                     "test acc. (EMA)"], [cells(r) for r in sorted(rows, key=lambda r: (r["model"], r["name"]))])
 
 
-def _plotted_rows(rows):
-    """One row per model, simulated epsilon and K: the B = 256 run where there is one (the scaling checks at other
-    batches stay in the table), else the largest batch the model ran at (WRN-16-4 at B = 64)."""
-    batches = {}
-    for r in rows:
-        batches.setdefault((r["model"], r["simulated_epsilon"], r["num_views"]), []).append(r["batch"])
-    return [r for r in rows if r["batch"] == preferred_batch(batches[(r["model"], r["simulated_epsilon"],
-                                                                       r["num_views"])])]
-
-
-def _plot_tan(rows):
+def _plot(configs):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"eq_d4d2": "tab:blue", "cnn_c1": "tab:orange", "wrn16_4": "tab:green", "eq_c4": "tab:purple"}
-    styles = {8: "-", 2: "--", 1: "-.", None: ":"}
-    paths = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    plotted = _plotted_rows(rows)
-    for r in plotted:
-        steps, accs = zip(*r["step_curve"])
-        eps = None if r["simulated_epsilon"] is None else round(r["simulated_epsilon"])
-        views = (f", K = {r['num_views']}" if r["num_views"] > 1 else "") + \
-            (f" at B = {r['batch']}" if r["batch"] != TAN_BATCH else "")
-        ax.plot(steps, [100 * a for a in accs], styles.get(eps, "-"), marker="o" if not views else "s", ms=3,
-                color=colours[r["model"]],
-                label=f"{MODEL_LABELS[r['model']]}, " + ("σ = 0" if eps is None else f"sim. ε = {eps}") + views)
-    paths.append(_save_in(TAN_DIR, plt, fig, ax, "step (B = 256 simulating 8192)",
-                          "CIFAR-10, the paper's regime (TAN-simulated)", "accuracy_vs_step.png"))
+    colours = {"eq_d4d2": "tab:blue", "cnn_c1": "tab:orange", "wrn16_4": "tab:green", "wrn16_4_ws": "tab:red",
+               "eq_c4": "tab:purple"}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key in sorted(configs, key=tables.label):  # the study's runs; the scaling checks only in the tables
+        c = configs[key]
+        if key[2] in (8, 7) and (key[3] == TAN_BATCH or key[0] != "cnn_c1" or key[4] > 1):
+            steps, accs = zip(*c["curve"])
+            ax.plot([s / c["steps"] for s in steps], accs, "-" if key[4] == 1 else "--", marker="o", ms=3,
+                    color=colours[key[0]], label=tables.label(key) + (f" ({c['n']} seeds)" if c["n"] > 1 else ""))
+    paths = [_save(plt, fig, ax, "fraction of the run's steps", "CIFAR-10, simulated ε ≈ 8 (TAN)",
+                   "accuracy_vs_step.png")]
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for model, colour in colours.items():
-        ones = [r for r in plotted if r["model"] == model and r["num_views"] == 1]
-        points = sorted((r["simulated_epsilon"], 100 * r["test_accuracy"]) for r in ones
-                        if r["simulated_epsilon"] is not None)
-        batches = {r["batch"] for r in ones} - {TAN_BATCH}
+    for model in ("eq_d4d2", "cnn_c1"):
+        points = sorted((k[2], c["mean"], c["mean"] - c["min"], c["max"] - c["mean"]) for k, c in configs.items()
+                        if k[0] == model and k[2] is not None and k[1:] == (tables.PAPER_RECIPE, k[2], TAN_BATCH, 1))
         if points:
-            ax.plot(*zip(*points), marker="o", color=colour,
-                    label=MODEL_LABELS[model] + "".join(f" (B = {b})" for b in sorted(batches)))
-        for r in ones:
-            if r["simulated_epsilon"] is None:
-                ax.axhline(100 * r["test_accuracy"], ls=":", color=colour, label=f"{MODEL_LABELS[model]}, σ = 0")
-    paths.append(_save_in(TAN_DIR, plt, fig, ax, "simulated ε at batch 8192 (δ = 1e-5)",
-                          "CIFAR-10, 2160 steps, TAN-simulated", "accuracy_vs_epsilon.png"))
+            eps, mean, low, high = zip(*points)
+            ax.errorbar(eps, mean, yerr=[low, high], marker="o", capsize=3, color=colours[model],
+                        label=MODEL_LABELS[model] + " (mean, min–max over seeds)")
+    paths.append(_save(plt, fig, ax, f"simulated ε at batch {PAPER_BATCH} (δ = 1e-5)",
+                       f"CIFAR-10, 2160 steps, TAN-simulated at B = {TAN_BATCH}", "accuracy_vs_epsilon.png"))
     return paths
 
 
-def _save_in(folder, plt, fig, ax, xlabel, title, filename):
-    os.makedirs(folder, exist_ok=True)
-    return save_plot(plt, fig, ax, xlabel, title, os.path.relpath(os.path.join(folder, filename), STUDY_DIR))
+def _save(plt, fig, ax, xlabel, title, filename):
+    return save_plot(plt, fig, ax, xlabel, title, os.path.relpath(os.path.join(TAN_DIR, filename), STUDY_DIR))
+
+
+def build(records, step_times):
+    """(README tables, README findings, RESULTS.md, configurations) from the records and the step times."""
+    rows = [summarise_tan(name, record) for name, record in records.items()]
+    configs = tables.configurations(rows)
+    comps, published_rows = tables.comparisons(configs), tables.published(configs)
+    time_rows, target = tables.time_to_accuracy(configs, step_times)
+    timing = next(iter(step_times.values()), None)
+    table_text = "\n\n".join([
+        "**Per configuration** (seeds merged; test accuracy of the EMA weights on the full test set):",
+        tables.configurations_table(configs),
+        "**The comparisons** (a margin is beyond chance here only if it exceeds the larger seed spread of its two "
+        "sides):",
+        tables.comparisons_table(comps),
+        *([tables.published_table(configs, published_rows)] if published_rows else []),
+        "**Accuracy against compute** (accuracy at 25% interpolated between evaluations; full scale = the steps at "
+        "the batch each run simulates, K as trained):",
+        tables.time_table(time_rows, target),
+        f"Time per view: not measured yet (`{TIMING_COMMAND}` on a quiet CPU)." if timing is None else
+        f"Time per view: one DP step (fp32, XLA off, B = {timing['batch']}) of each model, measured side by side on "
+        f"one CPU ({timing['cpu']}, {timing['started']}; `{TIMING_COMMAND}`).",
+    ])
+    missing = [name for runs in TAN_BATCHES.values() for name in runs if name not in records]
+    findings_text = "\n\n".join(
+        [findings(configs, comps, published_rows, time_rows, target)] +
+        ([f"Not run yet (`python bench/study.py run tan` continues where it stopped): "
+          f"{', '.join(f'`{name}`' for name in missing)}."] if missing else []) +
+        ["Every run here is a TAN simulation: its own ε (in RESULTS.md) is its only guarantee; the simulated ε is "
+         "that of the full-batch run it stands for, which was not trained."])
+    results = "\n\n".join([
+        "# The paper's regime, TAN-simulated (generated by `python bench/study.py report`; do not edit)",
+        "Full CIFAR-10 (50,000 train, 10,000 test), Poisson batches with σ scaled from the batch each run simulates "
+        f"(TAN), on 2 CPU cores. The paper's recipe: 2160 steps, SGD lr 2 without momentum, C = 2, EMA 0.999, "
+        f"B = {TAN_BATCH} standing for {PAPER_BATCH}. Records: [`runs/`](runs/).",
+        table_text, findings_text,
+        "**Every run** (views/s and wall time compare only between runs on one CPU; † shared the cores):",
+        _runs_table(rows),
+        *[f"† `{name}` {why}." for name, why in SHARED_CPU.items() if name in records],
+        "![accuracy vs step](accuracy_vs_step.png)\n![accuracy vs simulated epsilon](accuracy_vs_epsilon.png)\n",
+    ])
+    return table_text, findings_text, results, configs
 
 
 def report_paper_regime(records):
-    rows = sorted((summarise_tan(name, record) for name, record in records.items()), key=tan_row_order)
-    table = _tan_table(rows)
-    findings = tan_findings(rows)
-    text = "\n".join([
-        "# The paper's regime, TAN-simulated (generated by `python bench/study.py report`; do not edit)",
-        "",
-        f"Full CIFAR-10 (50,000 train, 10,000 test), {PAPER_STEPS} Poisson steps at expected batch {TAN_BATCH} "
-        f"(other batches in the scaling checks) with σ scaled from batch {PAPER_BATCH} (TAN simulation), K = 1 view "
-        "(the K = 4 run: B = 64 × 4 views, the same views per step), C = 2, SGD lr 2 without momentum, EMA 0.999, "
-        "2 CPU cores.",
-        "",
-        table,
-        "",
-        findings,
-        "",
-        "![accuracy vs step](accuracy_vs_step.png)",
-        "![accuracy vs simulated epsilon](accuracy_vs_epsilon.png)",
-        "",
-    ])
-    write_results(TAN_DIR, text)
-    update_readme(table, TAN_TABLE_MARKERS)
-    update_readme(findings, TAN_FINDINGS_MARKERS)
-    paths = _plot_tan(rows)
-    print(table)
-    print(findings)
-    print("wrote", os.path.join(TAN_DIR, "RESULTS.md"), *paths)
+    table_text, findings_text, results, configs = build(records, tables.load_step_times(TAN_DIR))
+    write_results(TAN_DIR, results)
+    update_readme(table_text, TAN_TABLE_MARKERS)
+    update_readme(findings_text, TAN_FINDINGS_MARKERS)
+    print(table_text, findings_text, "wrote " + os.path.join(TAN_DIR, "RESULTS.md"), *_plot(configs), sep="\n\n")

@@ -40,8 +40,8 @@ def study_tan_report():
 
 
 @pytest.fixture(scope="module")
-def study_tan_findings():
-    return _bench_module("study_tan_findings")
+def study_tan_tables():
+    return _bench_module("study_tan_tables")
 
 
 def _record(dp=True, steps=(40, 80), rates=(100.0, 50.0), batch=1024):
@@ -96,95 +96,177 @@ def test_readme_table_matches_committed_records(study_plan, study_records, study
             json.dumps(record["privacy"])
 
 
-def _tan_record(name, model="cnn_c1", epsilon=8.0, batch=256, accuracy=0.6, steps=2160):
-    config = {"architecture": "eq_resnet9" if model != "wrn16_4" else "wrn16_4",
-              "group": "C1" if model != "eq_d4d2" else "D4", "restrict": "none" if model != "eq_d4d2" else "D2",
-              "head": "paper", "dp": True, "batch_size": batch, "num_views": 1, "steps": steps,
-              "simulated_batch_size": 8192}
-    metrics = [{"step": s, "views_per_sec": 300.0, "test_accuracy": accuracy * s / steps, "wall_seconds": s}
-               for s in (steps // 2, steps)]
-    simulated = None if epsilon is None else epsilon
+PAPER = dict(learning_rate=2.0, l2_norm_clip=2.0, ema_decay=0.999, steps=2160)
+TAN_WRN = dict(learning_rate=4.0, l2_norm_clip=1.0, ema_decay=0.9999, steps=2500)
+
+
+def _tan_record(model="cnn_c1", epsilon=8.0, batch=256, accuracy=0.6, views=1, seed=None, recipe=PAPER,
+                simulated_batch=8192):
+    """A finished run's record; its accuracy rises linearly over ten evaluations to ``accuracy``."""
+    steps = recipe["steps"]
+    config = {"architecture": "wrn16_4" if model.startswith("wrn16_4") else "eq_resnet9",
+              "group": {"eq_d4d2": "D4", "eq_c4": "C4"}.get(model, "C1"),
+              "restrict": "D2" if model == "eq_d4d2" else "none", "head": "paper", "dp": True, "batch_size": batch,
+              "num_views": views, "simulated_batch_size": simulated_batch, "seed": seed or 0, "dp_seed": seed,
+              **recipe}
+    if model.startswith("wrn16_4"):
+        config["wrn_weight_standardization"] = model == "wrn16_4_ws"
+    metrics = [{"step": steps * i // 10, "views_per_sec": 300.0, "test_accuracy": accuracy * i / 10,
+                "wall_seconds": i} for i in range(1, 11)]
     privacy = {"epsilon": None if epsilon is None else 600.0, "noise_multiplier": 0.0 if epsilon is None else 0.15,
-               "simulated_run": {"epsilon": simulated, "noise_multiplier": 0.0 if epsilon is None else 4.9,
-                                 "batch_size": 8192}}
+               "simulated_run": {"epsilon": epsilon, "noise_multiplier": 0.0 if epsilon is None else 4.9,
+                                 "batch_size": simulated_batch}}
     return {"config": config, "privacy": privacy, "metrics": metrics}
 
 
-def _tan_rows(study_tan_report, records):
-    return sorted((study_tan_report.summarise_tan(n, r) for n, r in records.items()),
-                  key=study_tan_report.tan_row_order)
+def _build(study_tan_report, records, step_times=None):
+    return study_tan_report.build(records, step_times or {})
 
 
-def test_paper_regime_findings_follow_the_records(study_tan_report, study_tan_findings):
-    records = {
-        "tan_cnn_c1_eps8": _tan_record("a", accuracy=0.60),
-        "tan_cnn_c1_eps8_b128": _tan_record("b", batch=128, accuracy=0.595),
-        "tan_cnn_c1_eps8_b512": _tan_record("c", batch=512, accuracy=0.605),
-        "tan_eq_d4d2_eps8": _tan_record("d", model="eq_d4d2", accuracy=0.64),
-        "tan_eq_d4d2_sigma0": _tan_record("e", model="eq_d4d2", epsilon=None, accuracy=0.70),
-        "tan_eq_d4d2_eps2": _tan_record("f", model="eq_d4d2", epsilon=2, accuracy=0.58),
-    }
-    rows = _tan_rows(study_tan_report, records)
-    text = study_tan_findings.tan_findings(rows)
-    assert "at simulated ε = 2 only the equivariant model has run so far (58.0%)" in text  # no pair, no verdict
-    assert "the three agree within 1.5 points" in text
-    assert "one run with one seed; the scaling check's runs, which TAN says should agree, spread over 1.0 points" \
-        in text  # 59.5 / 60.0 / 60.5
-    assert "at simulated ε = 8 the equivariant model beat the ordinary CNN, 64.0% against 60.0% (+4.0 points)" \
-        in text
-    assert "70.0% without noise against 64.0% at ε = 8 (6.0 points)" in text
-    assert "`tan_cnn_c1_eps2`" in text and "Not run yet" in text  # missing runs are named, not hidden
-    table = study_tan_report._tan_table(rows)
-    assert "| tan_eq_d4d2_sigma0 |" in table and "∞ (σ = 0)" in table
-    # the flipped outcome is worded from the records too
-    records["tan_eq_d4d2_eps8"] = _tan_record("d", model="eq_d4d2", accuracy=0.55)
-    records["tan_cnn_c1_eps8_b512"] = _tan_record("c", batch=512, accuracy=0.63)
+def _configs(study_tan_report, study_tan_tables, records):
     rows = [study_tan_report.summarise_tan(n, r) for n, r in records.items()]
-    text = study_tan_findings.tan_findings(rows)
-    assert "lost to the ordinary CNN, 55.0% against 60.0% (-5.0 points)" in text
-    assert "differ by 3.5 points" in text
+    return study_tan_tables.configurations(rows)
 
 
-def test_readme_paper_regime_table_matches_committed_records(study_records, study_tan_report, study_tan_findings):
+def test_repeats_with_other_seeds_merge_into_one_configuration(study_tan_report, study_tan_tables):
+    records = {"tan_cnn_c1_eps8": _tan_record(accuracy=0.760),
+               "tan_cnn_c1_eps8_s1": _tan_record(accuracy=0.762, seed=1),
+               "tan_cnn_c1_eps8_s2": _tan_record(accuracy=0.771, seed=2),
+               "tan_cnn_c1_eps8_b64": _tan_record(batch=64, accuracy=0.70),
+               "tan_cnn_c1_k4_eps8_b64": _tan_record(batch=64, views=4, accuracy=0.75)}
+    configs = _configs(study_tan_report, study_tan_tables, records)
+    assert len(configs) == 3  # the seeds merge; another batch or K is another configuration
+    three = configs[("cnn_c1", "paper", 8, 256, 1)]
+    assert three["n"] == 3 and three["runs"] == ["tan_cnn_c1_eps8", "tan_cnn_c1_eps8_s1", "tan_cnn_c1_eps8_s2"]
+    assert three["mean"] == pytest.approx((76.0 + 76.2 + 77.1) / 3) and (three["min"], three["max"]) == pytest.approx((76.0, 77.1))
+    assert three["curve"][-1] == (2160, pytest.approx(three["mean"]))
+    table = study_tan_tables.configurations_table(configs)
+    assert "| 3 | 76.4% | 76.0–77.1 | tan_cnn_c1_eps8, tan_cnn_c1_eps8_s1, tan_cnn_c1_eps8_s2 |" in table
+    assert "| 2160 × 64 × 4 | 1 | 75.0% | – |" in table
+
+
+def test_a_margin_is_beyond_chance_only_past_the_larger_seed_spread(study_tan_report, study_tan_tables):
+    records = {"tan_cnn_c1_eps8": _tan_record(accuracy=0.760),
+               "tan_cnn_c1_eps8_s1": _tan_record(accuracy=0.770, seed=1),
+               "tan_eq_d4d2_eps8": _tan_record("eq_d4d2", accuracy=0.790),
+               "tan_cnn_c1_eps1": _tan_record(epsilon=1, accuracy=0.55),
+               "tan_cnn_c1_eps1_s1": _tan_record(epsilon=1, accuracy=0.57, seed=1),
+               "tan_eq_d4d2_eps1": _tan_record("eq_d4d2", epsilon=1, accuracy=0.575),
+               "tan_cnn_c1_eps2": _tan_record(epsilon=2, accuracy=0.66),
+               "tan_eq_d4d2_eps2": _tan_record("eq_d4d2", epsilon=2, accuracy=0.68)}
+    comps = {c["what"]: c for c in study_tan_tables.comparisons(_configs(study_tan_report, study_tan_tables,
+                                                                           records))}
+    eps8, eps1, eps2 = (comps[f"equivariant vs ordinary CNN, simulated ε = {e}"] for e in (8, 1, 2))
+    assert (eps8["delta"], eps8["spread"], eps8["beyond"]) == (2.5, pytest.approx(1.0), True)
+    assert (eps1["delta"], eps1["spread"], eps1["beyond"]) == (1.5, pytest.approx(2.0), False)
+    assert (eps2["delta"], eps2["spread"], eps2["beyond"]) == (2.0, None, None)
+    table = study_tan_tables.comparisons_table(list(comps.values()))
+    assert "| equivariant vs ordinary CNN, simulated ε = 8 | 79.0% (1) | 76.5% (2) | +2.5 | 1.0 | yes |" in table
+    assert "| +2.0 | one seed each | – |" in table
+    text, findings = _build(study_tan_report, records)[:2]
+    assert ("at simulated ε = 8 it beats the ordinary CNN by 2.5 points (beyond the seed spread of 1.0); at "
+            "simulated ε = 2 it beats the ordinary CNN by 2.0 points (one seed each, so chance cannot be told apart); "
+            "at simulated ε = 1 it beats the ordinary CNN by 1.5 points (within the seed spread of 2.0)") in findings
+
+
+def test_every_number_in_the_findings_is_in_the_tables(study_tan_report):
+    records = {"tan_cnn_c1_eps8": _tan_record(accuracy=0.760), "tan_cnn_c1_eps8_s1": _tan_record(accuracy=0.77, seed=1),
+               "tan_eq_d4d2_eps8": _tan_record("eq_d4d2", accuracy=0.793),
+               "tan_eq_d4d2_k4_eps8_b64": _tan_record("eq_d4d2", batch=64, views=4, accuracy=0.776),
+               "tan_eq_d4d2_eps8_b64": _tan_record("eq_d4d2", batch=64, accuracy=0.779),
+               "tan_wrn16_4_ws_tan_b128": _tan_record("wrn16_4_ws", epsilon=7.1, batch=128, accuracy=0.70,
+                                                      recipe=TAN_WRN, simulated_batch=4096)}
+    times = {m: {"seconds_per_view": s, "macs_per_view": 1e8, "batch": 128, "cpu": "X", "started": "today"}
+             for m, s in (("eq_d4d2", 0.012), ("cnn_c1", 0.003), ("wrn16_4_ws", 0.02))}
+    tables_text, findings = _build(study_tan_report, records, times)[:2]
+    numbers = set(re.findall(r"\d+\.\d", tables_text))
+    for number in re.findall(r"\d+\.\d", findings):
+        assert number in numbers, f"{number} in the findings is in no table"
+
+
+def test_the_fair_wrn_is_compared_the_untuned_one_only_listed(study_tan_report, study_tan_tables):
+    records = {"tan_eq_d4d2_eps8": _tan_record("eq_d4d2", accuracy=0.79),
+               "tan_cnn_c1_eps8": _tan_record(accuracy=0.76),
+               "tan_wrn16_4_eps8_b64": _tan_record("wrn16_4", batch=64, accuracy=0.558)}
+    configs = _configs(study_tan_report, study_tan_tables, records)
+    assert configs[("wrn16_4", "paper", 8, 64, 1)]["untuned"]
+    assert not any("WRN" in c["what"] for c in study_tan_tables.comparisons(configs))
+    tables_text, findings = _build(study_tan_report, records)[:2]
+    assert "untuned for WRN: no sentence rests on it" in tables_text
+    assert "55.8" not in findings and "has not finished yet" in findings
+
+    records["tan_wrn16_4_ws_tan_b128"] = _tan_record("wrn16_4_ws", epsilon=7.1, batch=128, accuracy=0.70,
+                                                     recipe=TAN_WRN, simulated_batch=4096)
+    configs = _configs(study_tan_report, study_tan_tables, records)
+    fair = study_tan_tables.fair_wrn_key(configs)
+    assert fair == ("wrn16_4_ws", "lr 4, C = 1, EMA 0.9999, 2500 steps", 7, 128, 1)
+    comps = {c["what"]: c for c in study_tan_tables.comparisons(configs)}
+    assert comps["Equivariant ResNet-9 (D4→D2) (ε 8) vs WRN-16-4 with its authors' recipe"]["delta"] == 9.0
+    findings = _build(study_tan_report, records)[1]
+    assert "reached 70.0%: the equivariant model at simulated ε = 8 beats it by 9.0 points" in findings
+    assert "55.8" not in findings
+
+
+def test_time_to_accuracy_reads_the_curves_and_the_side_by_side_step_times(study_tan_report, study_tan_tables):
+    records = {"tan_eq_d4d2_eps8": _tan_record("eq_d4d2", accuracy=0.80),
+               "tan_wrn16_4_ws_tan_b128": _tan_record("wrn16_4_ws", epsilon=7.1, batch=128, accuracy=0.60,
+                                                      recipe=TAN_WRN, simulated_batch=4096)}
+    configs = _configs(study_tan_report, study_tan_tables, records)
+    times = {"eq_d4d2": {"seconds_per_view": 0.01, "macs_per_view": 3e8, "batch": 128, "cpu": "X", "started": "t"},
+             "wrn16_4_ws": {"seconds_per_view": 0.02, "macs_per_view": 4e8, "batch": 128, "cpu": "X", "started": "t"}}
+    rows, target = study_tan_tables.time_to_accuracy(configs, times)
+    assert target == pytest.approx(60.0)
+    eq, wrn = rows
+    # linear curves: 25% of the steps -> 25% of the final accuracy (interpolated between evaluations)
+    assert eq["accuracy"] == [pytest.approx(20.0), pytest.approx(40.0), pytest.approx(80.0)]
+    assert eq["reach_step"] == pytest.approx(0.75 * 2160) and wrn["reach_step"] == 2500
+    assert eq["reach_hours"] == pytest.approx(0.75 * 2160 * 8192 * 0.01 / 3600)
+    assert wrn["reach_hours"] == pytest.approx(2500 * 4096 * 0.02 / 3600)
+    findings = study_tan_report.findings(configs, study_tan_tables.comparisons(configs), [], rows, target)
+    saving = 100 * (1 - eq["reach_hours"] / wrn["reach_hours"])
+    assert f"({saving:.0f}% less)" in findings
+
+
+def test_readme_paper_regime_tables_match_committed_records(study_records, study_tan_report, study_tan_tables):
     records = study_records.load_records(study_records.TAN_RECORDS_DIR)
     with open(os.path.join(REPO_ROOT, "README.md")) as f:
         readme = f.read()
-    blocks = []
-    for start, end in (study_tan_report.TAN_TABLE_MARKERS, study_tan_report.TAN_FINDINGS_MARKERS):
-        blocks.append(readme.split(start, 1)[1].split(end, 1)[0].strip())
-    assert records or not any(blocks), \
-        f"README has paper-regime results but {study_records.TAN_RECORDS_DIR} has no records"
-    if not records:
-        return
-    rows = _tan_rows(study_tan_report, records)
+    blocks = [readme.split(start, 1)[1].split(end, 1)[0].strip()
+              for start, end in (study_tan_report.TAN_TABLE_MARKERS, study_tan_report.TAN_FINDINGS_MARKERS)]
+    assert records, f"{study_records.TAN_RECORDS_DIR} has no records"
+    tables_text, findings = study_tan_report.build(records, study_tan_tables.load_step_times(study_records.TAN_DIR))[:2]
     stale = "is stale: run python bench/study.py report"
-    assert blocks[0] == study_tan_report._tan_table(rows), f"README paper-regime table {stale}"
-    assert blocks[1] == study_tan_findings.tan_findings(rows), f"README findings {stale}"
+    assert blocks[0] == tables_text, f"README paper-regime tables {stale}"
+    assert blocks[1] == findings, f"README findings {stale}"
     for name, record in records.items():
-        assert record["metrics"][-1]["step"] == 2160
-        simulated = record["privacy"]["simulated_run"]
-        assert simulated["batch_size"] == 8192
-        if record["config"].get("target_epsilon") is not None:
-            assert simulated["epsilon"] <= float(record["config"]["target_epsilon"]) + 1e-9
+        config, simulated = record["config"], record["privacy"]["simulated_run"]
+        assert record["metrics"][-1]["step"] == config["steps"]
+        assert simulated["batch_size"] == config["simulated_batch_size"]
+        if config.get("target_epsilon") is not None:
+            assert simulated["epsilon"] <= float(config["target_epsilon"]) + 1e-9
 
 
 def test_paper_regime_runs_share_steps_and_simulated_batch(study_plan):
     views_per_step = set()
-    for runs in study_plan.TAN_BATCHES.values():
+    for batch, runs in study_plan.TAN_BATCHES.items():
         for name in runs:
             flags = study_plan.run_flags(name)
             names = [f.split("=", 1)[0] for f in flags]
             assert len(names) == len(set(names)), f"{name} sets a flag twice"
             flags = dict(f[2:].split("=", 1) for f in flags)
+            if batch in study_plan.TAN_RECIPE_BATCHES:  # WRN-16-4 with its authors' (TAN's) recipe
+                assert (flags["simulated_batch_size"], flags["steps"], flags["noise_multiplier"]) == ("4096", "2500",
+                                                                                                      "3")
+                continue
             assert flags["simulated_batch_size"] == "8192" and flags["steps"] == "2160"
             # the scaling checks (and WRN-16-4, too slow here for B = 256) are at other batches on purpose
             if flags["num_views"] != "1" or "_b" not in name:
                 views_per_step.add(int(flags["batch_size"]) * int(flags["num_views"]))
-    assert views_per_step == {256}  # equal views per run, the K = 4 run included
+    assert views_per_step == {256}  # equal views per run, the K = 4 runs included
 
 
 def test_each_run_records_its_machines_and_the_report_names_them(study_records, study_tan_report, tmp_path,
-                                                                 monkeypatch, study_tan_findings):
+                                                                 monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     for filename in study_records.RECORD_FILES:
@@ -204,130 +286,22 @@ def test_each_run_records_its_machines_and_the_report_names_them(study_records, 
     assert study_tan_report.machine_label("tan_x", machines) == \
         "AMD EPYC 7B13 64-Core, 2 cores + Intel Xeon, 2 cores (AVX-512, AMX)"
     assert study_tan_report.machine_label("tan_never_noted", []) == "not recorded"  # no guessing for old records
-
-    recorded = _tan_record("a")
+    recorded = _tan_record()
     recorded["machines"] = machines[1:]
-    rows = [study_tan_report.summarise_tan("tan_cnn_c1_eps8", recorded),
-            study_tan_report.summarise_tan("tan_eq_d4d2_eps8", _tan_record("b", model="eq_d4d2"))]
-    assert "| Intel Xeon, 2 cores (AVX-512, AMX) |" in study_tan_report._tan_table(rows)
-    text = study_tan_findings.tan_findings(rows)
-    assert "names 1 CPU, and 1 run did not record its" in text
-    # one machine for every run: no caveat needed
-    equivariant = _tan_record("b", model="eq_d4d2")
-    equivariant["machines"] = machines[1:]
-    rows[1] = study_tan_report.summarise_tan("tan_eq_d4d2_eps8", equivariant)
-    assert "Speed compares only within one machine" not in study_tan_findings.tan_findings(rows)
+    results = _build(study_tan_report, {"tan_cnn_c1_eps8": recorded})[2]
+    assert "| Intel Xeon, 2 cores (AVX-512, AMX) | 60.0% |" in results
 
 
-def test_findings_set_the_private_equivariant_model_against_the_noise_free_cnn(study_tan_report, study_tan_findings):
-    records = {"tan_cnn_c1_sigma0": _tan_record("a", epsilon=None, accuracy=0.70),
-               "tan_eq_d4d2_eps8": _tan_record("b", model="eq_d4d2", accuracy=0.72),
-               "tan_eq_d4d2_eps2": _tan_record("c", model="eq_d4d2", epsilon=2, accuracy=0.61)}
-    text = study_tan_findings.tan_findings([study_tan_report.summarise_tan(n, r) for n, r in records.items()])
-    assert ("against the ordinary CNN trained without noise (70.0%): at simulated ε = 8 (72.0%) it is above it; "
-            "at simulated ε = 2 (61.0%) it is below it") in text
+def test_not_yet_run_lists_what_the_plan_has_and_the_records_lack(study_plan, study_tan_report):
+    findings = _build(study_tan_report, {"tan_cnn_c1_eps8": _tan_record()})[1]
+    not_run = next(p for p in findings.split("\n\n") if p.startswith("Not run yet"))
+    assert "`tan_cnn_c1_eps8`" not in not_run and "`tan_wrn16_4_ws_tan_b128`" in not_run
+    assert "`tan_eq_d4d2_eps8_s1`" in not_run
 
 
-def test_optional_c4_run_is_reported_apart_from_the_required_ones(study_plan, study_tan_report, study_tan_findings):
-    flags = dict(f[2:].split("=", 1) for f in study_plan.run_flags("tan_eq_c4_eps8"))
-    assert (flags["group"], flags["restrict"], flags["num_views"]) == ("C4", "none", "1")
-    records = {"tan_cnn_c1_eps8": _tan_record("a", accuracy=0.60)}
-    text = study_tan_findings.tan_findings([study_tan_report.summarise_tan(n, r) for n, r in records.items()])
-    assert ("Optional, if the budget allows, not run yet: `tan_wrn16_4_eps8`, `tan_eq_c4_eps8`, "
-            "`tan_cnn_c1_eps8_b64`, `tan_eq_d4d2_k4_eps8_b64`.") in text
-    not_run = next(p for p in text.split("\n\n") if p.startswith("Not run yet"))
-    assert "tan_eq_c4_eps8" not in not_run and "`tan_wrn16_4_eps8_b64`" in not_run
-
-    c4 = _tan_record("c", model="eq_c4", accuracy=0.65)
-    c4["config"].update(group="C4", restrict="none")
-    records["tan_eq_c4_eps8"] = c4
-    rows = [study_tan_report.summarise_tan(n, r) for n, r in records.items()]
-    assert rows[1]["model"] == "eq_c4"
-    text = study_tan_findings.tan_findings(rows)
-    assert re.search(r"Equivariant ResNet-9 \(C4\) \([\d,]+ parameters\) reached 65\.0% at simulated ε = 8 "
-                     r"\(against ResNet-9, trivial group \(ordinary CNN\) 60\.0%\)\.", text)
-    optional = next(p for p in text.split("\n\n") if p.startswith("Optional"))
-    assert "tan_eq_c4_eps8" not in optional and "`tan_eq_d4d2_k4_eps8_b64`" in optional
-
-    # the words agree with the printed numbers: 76.2% against 76.1% is a lead of 0.1 (not "by 0.0 points"), and
-    # accuracies that print alike are a match, whatever their third decimal
-    def c4_sentence(cnn, c4_accuracy):
-        c4["metrics"][-1]["test_accuracy"] = c4_accuracy
-        both = {"tan_cnn_c1_eps8": _tan_record("a", accuracy=cnn), "tan_eq_c4_eps8": c4,
-                "tan_eq_d4d2_eps8": _tan_record("d", model="eq_d4d2", accuracy=0.793)}
-        text = study_tan_findings.tan_findings(_tan_rows(study_tan_report, both))
-        return next(p for p in text.split("\n\n") if p.startswith("Equivariant ResNet-9 (C4)"))
-
-    assert c4_sentence(0.7616, 0.7614).endswith(
-        "So Equivariant ResNet-9 (D4→D2) (287,413 parameters) beat Equivariant ResNet-9 (C4) by 3.2 points. "
-        "At the same batch the ordinary CNN (229,784 parameters) beat it by 0.1 points.")
-    assert c4_sentence(0.7612, 0.7614).endswith("the ordinary CNN (229,784 parameters) matched it.")
-
-
-def test_k4_run_at_batch_64_is_compared_at_equal_views(study_tan_report, study_tan_findings):
-    k4 = _tan_record("k", model="eq_d4d2", batch=64, accuracy=0.81)
-    k4["config"]["num_views"] = 4
-    records = {"tan_eq_d4d2_eps8": _tan_record("a", model="eq_d4d2", accuracy=0.79),
-               "tan_cnn_c1_eps8": _tan_record("b", accuracy=0.76),
-               "tan_cnn_c1_eps8_b64": _tan_record("c", batch=64, accuracy=0.745),
-               "tan_eq_d4d2_k4_eps8_b64": k4}
-    rows = _tan_rows(study_tan_report, records)
-    text = study_tan_findings.tan_findings(rows)
-    # the K = 4 run does not overwrite the K = 1 run of the same model, epsilon and batch family
-    assert "at simulated ε = 8 the equivariant model beat the ordinary CNN, 79.0% against 76.0%" in text
-    assert "reached 74.5% there against 76.0% at B = 256 (-1.5 points), within the 1.5 points" in text
-    assert "reached 81.0% at simulated ε = 8, against 79.0% with K = 1 at B = 256 (+2.0 points at equal views)" \
-        in text
-    assert "the best simulated ε = 8 result here is 81.0%" in text and "K = 4 in one run" in text
-    assert "| 2160 × 64 × 4 |" in study_tan_report._tan_table(rows)
-
-
-def test_wrn_at_batch_64_is_reported_with_the_bias_of_its_smaller_batch(study_tan_report, study_tan_findings):
-    records = {"tan_eq_d4d2_eps8": _tan_record("a", model="eq_d4d2", accuracy=0.79),
-               "tan_cnn_c1_eps8": _tan_record("b", accuracy=0.76),
-               "tan_cnn_c1_eps8_b64": _tan_record("c", batch=64, accuracy=0.749),
-               "tan_wrn16_4_eps8_b64": _tan_record("w", model="wrn16_4", batch=64, accuracy=0.70)}
-    rows = _tan_rows(study_tan_report, records)
-    text = study_tan_findings.tan_findings(rows)
-    wrn = next(p for p in text.split("\n\n") if p.startswith("WRN-16-4"))
-    assert ("reached 70.0% at simulated ε = 8 with the optimiser every run here uses (the paper's, chosen for "
-            "ResNet-9, not tuned for WRN), trained at B = 64 (1/128 of the paper's batch") in wrn
-    assert "reached 74.9%, -1.1 points from its B = 256 run" in wrn  # the CNN's own cost of B = 64, stated
-    # the parameter argument answered in words: who won, by how much, against the bias of the smaller batch
-    assert re.search(r"So Equivariant ResNet-9 \(D4→D2\) \([\d,]+ parameters, \d+\.\d× fewer\) beat WRN-16-4 by "
-                     r"9\.0 points, more than the 1\.1 points the smaller batch may explain\. ", wrn)
-    # and whether a small model without equivariance is enough: the ordinary CNN at WRN's own batch
-    assert re.search(r"At the same batch the ordinary CNN \([\d,]+ parameters\) beat it by 4\.9 points\.$", wrn)
-    close = dict(records, tan_wrn16_4_eps8_b64=_tan_record("w", model="wrn16_4", batch=64, accuracy=0.785))
-    wrn = next(p for p in study_tan_findings.tan_findings(_tan_rows(study_tan_report, close)).split("\n\n")
-               if p.startswith("WRN-16-4"))
-    assert ("beat WRN-16-4 by 0.5 points, no more than the 1.1 points the smaller batch may explain: this "
-            "comparison does not settle which is better.") in wrn and wrn.endswith("lost to it by 3.6 points.")
-    close["tan_wrn16_4_eps8_b64"] = _tan_record("w", model="wrn16_4", batch=64, accuracy=0.80)
-    wrn = next(p for p in study_tan_findings.tan_findings(_tan_rows(study_tan_report, close)).split("\n\n")
-               if p.startswith("WRN-16-4"))
-    assert "lost to WRN-16-4 by 1.0 points, although the smaller batch handicapped the baseline." in wrn
-    # the WRN run is plotted (it is the model's only run); the CNN's scaling check at B = 64 is not
-    assert [r["name"] for r in study_tan_report._plotted_rows(rows)] == \
-        ["tan_cnn_c1_eps8", "tan_eq_d4d2_eps8", "tan_wrn16_4_eps8_b64"]
-    # once WRN-16-4 also has a B = 256 run, that one is the one reported and plotted
-    records["tan_wrn16_4_eps8"] = _tan_record("v", model="wrn16_4", accuracy=0.72)
-    rows = _tan_rows(study_tan_report, records)
-    wrn = next(p for p in study_tan_findings.tan_findings(rows).split("\n\n") if p.startswith("WRN-16-4"))
-    assert "reached 72.0% at simulated ε = 8 with the optimiser" in wrn and "B = 64" not in wrn
-    assert "beat WRN-16-4 by 7.0 points. At the same batch" in wrn  # same batch: no bias to weigh
-    assert wrn.endswith("beat it by 4.0 points.")
-    assert "tan_wrn16_4_eps8_b64" not in [r["name"] for r in study_tan_report._plotted_rows(rows)]
-
-
-def test_a_repeat_with_another_seed_does_not_stand_in_for_the_first_run(study_plan, study_tan_report,
-                                                                        study_tan_findings):
-    flags = dict(f[2:].split("=", 1) for f in study_plan.run_flags("tan_eq_d4d2_eps8_s1"))
-    assert (flags["seed"], flags["dp_seed"], flags["batch_size"]) == ("1", "1", "256")
-    repeat = _tan_record("r", model="eq_d4d2", accuracy=0.30)
-    repeat["config"]["dp_seed"] = 1
-    records = {"tan_cnn_c1_eps8": _tan_record("a", accuracy=0.60),
-               "tan_eq_d4d2_eps8": _tan_record("d", model="eq_d4d2", accuracy=0.64),
-               "tan_eq_d4d2_eps8_s1": repeat}
-    text = study_tan_findings.tan_findings(_tan_rows(study_tan_report, records))
-    assert "64.0% against 60.0% (+4.0 points)" in text and "30.0%" not in text
+def test_a_wrn_record_counts_the_parameters_of_the_model_it_trained(study_records):
+    # Records from before --wrn_weight_standardization trained plain convs; newer ones say which they trained.
+    old = {"architecture": "wrn16_4", "group": "C1", "restrict": "none", "head": "paper"}
+    assert study_records._parameter_count(old) == 2_748_890
+    assert study_records._parameter_count(dict(old, wrn_weight_standardization=True)) == 2_753_402
+    assert study_records._parameter_count(dict(old, wrn_weight_standardization=False)) == 2_748_890
