@@ -65,7 +65,7 @@ def count_macs(tf, model):
     """Multiply-accumulates of one forward pass of one image, from the layers' static shapes."""
     import layers as eq_layers
 
-    conv_types = (tf.keras.layers.Conv2D, eq_layers.LiftingConv2D, eq_layers.GroupConv2D)
+    conv_types = (tf.keras.layers.Conv2D, eq_layers.LiftingConv2D, eq_layers.GroupConv2D, eq_layers.StandardizedConv2D)
     total = 0
     for layer in model.layers:
         if isinstance(layer, conv_types):

@@ -48,3 +48,13 @@ def test_benchmark_report_rebuilds_from_the_committed_grid_and_names_both_comman
     dp_rows = [line for line in text.splitlines()
                if line.startswith("| Eq. ResNet-9 (D4->D2) | dp | fp32 | off |") and "B=" in line]
     assert len(dp_rows) == 1 and all(f"B={b}: 1." in dp_rows[0] for b in (64, 128, 256, 512)), dp_rows
+
+
+def test_multiply_adds_count_every_convolution_the_weight_standardised_ones_too():
+    import tensorflow as tf
+
+    cells = _load("benchmark_cells")
+    plain = cells.count_macs(tf, build_model(architecture="wrn16_4", weight_standardization=False))
+    standardised = cells.count_macs(tf, build_model(architecture="wrn16_4", weight_standardization=True))
+    # the same convolutions (standardising a kernel costs nothing per view): stem 32*32*27*16 alone is 442,368
+    assert standardised == plain > 32 * 32 * 27 * 16
