@@ -2,34 +2,20 @@
 
     python bench/study.py list                    # the runs of every batch and their flags
     python bench/study.py run eps8                # train one batch of runs (resumable: rerun to continue)
-    python bench/study.py run tan                 # the paper's regime, TAN-simulated (issue 12), batch by batch
-    python bench/study.py report                  # tables, findings + plots from the committed records only
+    python bench/study.py run tan                 # the paper's regime, TAN-simulated, batch by batch
+    python bench/study.py report                  # tables, findings and plots from the committed records only
 
 Parts: this file is the command line and the runner; ``study_plan.py`` the runs and their flags;
-``study_records.py`` what a finished run leaves in ``docs/study/`` and its summary; ``study_report.py``
-the first study's report (and the helpers both reports share); ``study_tan_report.py`` the
-paper-regime report (table and plots), ``study_tan_findings.py`` its findings, and ``study_run_notes.py``
-what the records cannot say (runs that shared the machine, machines of older runs), set by hand.
+``study_records.py`` what a finished run leaves in ``docs/study/`` and its summary; ``study_report.py`` the first
+study's report and the output helpers; ``study_tan_tables.py`` the paper regime's tables and
+``study_tan_report.py`` its report; ``study_run_notes.py`` what the records cannot say, set by hand.
 
-The first study (issue 6). Every run trains on the full CIFAR-10 training set (50,000) and is
-evaluated, with EMA weights, on the full test set (10,000). All runs share one *compute budget in
-views*: the same logical batch, the same number of steps and the same augmentation multiplicity, so
-every model sees exactly the same number of images, and all private runs at one epsilon use the same
-sampling rate, steps and therefore the same calibrated noise multiplier: the only difference between
-them is the model. Equal views is not equal wall time (the equivariant model costs more per view on
-this CPU); wall time and views/s are reported next to accuracy, and a plot shows accuracy against
-wall-clock time. Its budget is what two CPU cores can do in about an hour per batch of runs (~164k
-views per run, logical batch 1024, K = 1, sigma calibrated to these steps), a small fraction of the
-paper's (8192 x 2160 x 4 = 71M views, which needs a GPU).
-
-The paper's regime (issue 12): 2160 steps at the paper's sigma/B, each run at B = 256 standing for
-B = 8192 (``train.py --simulated_batch_size``), records in ``docs/study/paper_regime/``.
-
-Each finished run's ``config.json``, ``privacy.json`` and ``metrics.jsonl`` are copied into the
-records, with ``machine.jsonl`` (the CPU of each invocation that trained it; runs recorded before
-2026-12-01 lack it), since views/s and wall time mean something only per machine. ``report`` reads
-only those, so the tables, findings and plots regenerate from the committed records with one
-command, and rewrites each study's ``RESULTS.md``, its plots and its README block between markers.
+The first study (issue 6): every run 160 steps at logical batch 1024, K = 1, the same views per run (~3.3 epochs).
+The paper's regime (issues 12, 26): 2160 steps at the paper's sigma/B, each run at a small batch standing for the
+paper's (``train.py --simulated_batch_size``), seeds, K = 4 views and a fairly trained WRN-16-4; records in
+``docs/study/paper_regime/``. Each finished run's ``config.json``, ``privacy.json``, ``metrics.jsonl`` and
+``machine.jsonl`` (the CPU of each invocation that trained it) are copied into the records; ``report`` reads only
+those (and the side-by-side step times beside them) and rewrites each study's ``RESULTS.md``, plots and README block.
 """
 
 import argparse

@@ -154,29 +154,19 @@ TAN_BATCHES = {
            for eps in (8, 1) for seed in (1, 2)},
     },
 }
-# WRN-16-4 trained with its authors' own recipe (issue 26), not the paper's: TAN's CIFAR-10 reference run
-# (facebookresearch/tan) is SGD lr 4 without momentum, C = 1, EMA 0.9999, sigma = 3 at B = 4096 for 2500 steps, and
-# De et al.'s weight-standardised convs; K = 1 here (TAN: 16). Simulated at B = 128, sigma = 3 * 128 / 4096: at
-# ~33 views/s on the 2-core Xeon (per-example step measured 2026-12-01) B = 256 would need ~5.4 h in one sitting,
-# more than a session, and B = 128 ~2.7 h (the EPYC: ~1.6 h). Its simulated epsilon is 7.1 by our RDP accountant
-# (TAN reports 8 for the same run).
-TAN_WRN_RECIPE_FLAGS = [
-    "--steps=2500",
-    "--l2_norm_clip=1.0",
-    "--delta=1e-5",
-    "--ema_decay=0.9999",
-    "--sampling=poisson",
-    "--eval_every=250",
-    "--checkpoint_every=125",
-    "--log_every=20",
-    "--export=false",
-    "--learning_rate=4.0",
-    "--momentum=0.0",
-    "--dp=true",
-    "--simulated_batch_size=4096",
-    "--noise_multiplier=3",
-    "--target_epsilon=none",
-]
+def _override(flags, **values):
+    """``flags`` with the given flags' values replaced."""
+    return [f"--{name}={values[name]}" if name in values else flag
+            for flag in flags for name in [flag[2:].split("=", 1)[0]]]
+
+
+# WRN-16-4 with its authors' own recipe (issue 26): TAN's CIFAR-10 reference run (facebookresearch/tan), SGD lr 4
+# without momentum, C = 1, EMA 0.9999, sigma = 3 at B = 4096 for 2500 steps, De et al.'s weight-standardised convs;
+# K = 1 here (TAN: 16). At B = 128 (sigma 3 * 128 / 4096): B = 256 needs more than a session here (~29 views/s on the
+# 2-core EPYC, 2026-12-05). Simulated epsilon 7.1 by our RDP accountant (TAN reports 8).
+TAN_WRN_RECIPE_FLAGS = _override(TAN_COMMON_FLAGS, steps=2500, l2_norm_clip=1.0, ema_decay=0.9999, eval_every=250,
+                                 checkpoint_every=125, learning_rate=4.0, simulated_batch_size=4096) + [
+    "--noise_multiplier=3", "--target_epsilon=none"]
 TAN_RECIPE_BATCHES = {
     "tan_wrn_recipe": {
         "tan_wrn16_4_ws_tan_b128": ["--architecture=wrn16_4", "--group=C1", "--restrict=none",
