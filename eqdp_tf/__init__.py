@@ -5,6 +5,10 @@ The Keras entry points are importable from here: ``make_private``, ``PrivateMode
 so that ``import eqdp_tf.config`` (``train.py --help``) does not start TensorFlow.
 """
 
+# First: Keras 2 as tf.keras and TF-Privacy's import on TensorFlow 2.16+ (layers/_tf_setup.py), before any module
+# of the package imports TensorFlow.
+from layers import _tf_setup  # noqa: F401
+
 _KERAS_API = ("ExponentialMovingAverage", "PrivacySettings", "PrivateModel", "layer_registry", "make_private")
 
 __all__ = list(_KERAS_API)

@@ -5,6 +5,8 @@ Usable on their own; this package imports only TensorFlow and numpy. Channel lay
 ``F`` regular fields over G are ``F*|G|`` channels, channel ``c*|G| + g`` = field c, orientation g.
 """
 
+# First: Keras 2 as tf.keras (and TF-Privacy's import) on TensorFlow 2.16+, before anything imports TensorFlow.
+from layers import _tf_setup  # noqa: F401  isort: skip
 from layers.groups import Group, cyclic_group, dihedral_group, get as get_group
 
 # The Keras layers import TensorFlow; they are loaded on first use, so that the groups (numpy only) can be used,

@@ -3,6 +3,9 @@ import os
 
 import pytest
 
+# Keras 2 as tf.keras on TensorFlow 2.16+ (layers/_tf_setup.py): before any test module imports TensorFlow.
+import layers  # noqa: F401
+
 # Keep TensorFlow's C++ start-up chatter out of test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -91,7 +91,7 @@ def test_statement_epoch_nudge_is_needed(sigma, steps):
 
 
 def test_microbatching_default_in_tf_privacy_halves_noise():
-    from tensorflow_privacy import compute_dp_sgd_privacy_statement
+    from tensorflow_privacy.privacy.analysis.compute_dp_sgd_privacy_lib import compute_dp_sgd_privacy_statement
 
     text = compute_dp_sgd_privacy_statement(
         number_of_examples=N, batch_size=BATCH, num_epochs=STEPS * Q, noise_multiplier=4.9, delta=DELTA

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_privacy
+from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPModel
 from tensorflow_privacy.privacy.fast_gradient_clipping import clip_grads
 
 import eqdp_tf
@@ -65,9 +65,9 @@ def test_dp_model_with_our_registry_equals_its_stock_path(name, batch):
     updated = {}
     for fast in (True, False):
         base = _models()[name]
-        model = tensorflow_privacy.DPModel(l2_norm_clip=0.05, noise_multiplier=0.0, use_xla=False,
-                                           layer_registry=eqdp_tf.layer_registry() if fast else None,
-                                           inputs=base.inputs, outputs=base.outputs)
+        model = DPModel(l2_norm_clip=0.05, noise_multiplier=0.0, use_xla=False,
+                        layer_registry=eqdp_tf.layer_registry() if fast else None,
+                        inputs=base.inputs, outputs=base.outputs)
         model.compile(optimizer=tf.keras.optimizers.SGD(1.0),
                       loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         assert model._enable_fast_peg_computation == fast  # pylint: disable=protected-access

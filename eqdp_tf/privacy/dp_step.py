@@ -28,8 +28,9 @@ import secrets
 
 import numpy as np
 import tensorflow as tf
-from tensorflow_privacy import VectorizedDPKerasSGDOptimizer
-from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import clip_gradients_vmap
+# From its submodule: on TensorFlow 2.16+ TF-Privacy's package re-exports nothing (layers/_tf_setup.py).
+from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import (
+    VectorizedDPKerasSGDOptimizer, clip_gradients_vmap)
 
 from eqdp_tf.checks import finite_number
 from eqdp_tf.errors import ConfigError

@@ -1,0 +1,95 @@
+"""layers/_tf_setup.py: Keras 2 as tf.keras and TF-Privacy's import on every supported TensorFlow (2.15 to 2.21).
+
+Each case runs in a fresh interpreter, since what it tests is the order of first imports. Where TensorFlow is 2.15
+(Keras 2.15 installed) tf.keras is always Keras 2 and the Keras-3 cases cannot happen: they skip, saying so.
+"""
+
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, subprocess_env
+
+KERAS_MAJOR = int(importlib.metadata.version("keras").split(".")[0])
+TF_VERSION = importlib.metadata.version("tensorflow")
+needs_keras3 = pytest.mark.skipif(
+    KERAS_MAJOR < 3, reason=f"TensorFlow {TF_VERSION} installs Keras 2 as tf.keras: no Keras 3 to guard against")
+
+
+def _run(code):
+    """Runs ``code`` in a fresh interpreter from the checkout, without the TF_USE_LEGACY_KERAS this process has."""
+    env = subprocess_env()
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.split()
+
+
+def test_no_file_imports_bare_keras():
+    """``import keras`` is Keras 3 on TensorFlow 2.16+; the project uses tf.keras only."""
+    bare = re.compile(r"^\s*(import keras\b|from keras\b)|import_module\([\"']keras\b", re.M)
+    found, checked = [], 0
+    for root, folders, names in os.walk(REPO_ROOT):
+        folders[:] = [f for f in folders if not f.startswith(".") and f not in ("runs", "build", "dist")]
+        for name in names:
+            if name.endswith(".py"):
+                checked += 1
+                with open(os.path.join(root, name), encoding="utf-8") as f:
+                    if bare.search(f.read()):
+                        found.append(os.path.relpath(os.path.join(root, name), REPO_ROOT))
+    assert checked > 50 and not found, f"bare Keras imported in {found}"
+
+
+def test_importing_the_packages_starts_no_tensorflow():
+    out = _ok(_run("import sys, layers, eqdp_tf, eqdp_tf.config; print('tensorflow' in sys.modules)"))
+    assert out == ["False"]
+
+
+def test_the_arrangement_is_made_before_tensorflow_loads_and_only_where_needed():
+    out = _ok(_run("import os, sys, layers; print(os.environ.get('TF_USE_LEGACY_KERAS'), "
+                   "hasattr(sys, 'skip_tf_privacy_import'))"))
+    if KERAS_MAJOR >= 3:
+        assert out == ["1", "True"]
+    else:  # TensorFlow 2.15: tf.keras is Keras 2 and TF-Privacy's whole package imports; nothing is changed.
+        assert out == ["None", "False"]
+
+
+@pytest.mark.parametrize("first", ["eqdp_tf", "tensorflow"])
+def test_tf_keras_is_keras_2_and_tf_privacy_imports_whichever_comes_first(first):
+    """Also with ``import tensorflow`` before ``import eqdp_tf``: tf.keras picks its Keras on first use."""
+    second = "tensorflow" if first == "eqdp_tf" else "eqdp_tf"
+    out = _ok(_run(
+        f"import {first}, {second}; import tensorflow as tf\n"
+        "from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import "
+        "VectorizedDPKerasSGDOptimizer\n"
+        "from eqdp_tf.privacy import dp_step\n"
+        "print(tf.keras.layers.Layer.__module__.split('.')[0], tf.keras.Model.__module__.split('.')[0])"))
+    assert out == (["tf_keras", "tf_keras"] if KERAS_MAJOR >= 3 else ["keras", "keras"])
+
+
+@needs_keras3
+def test_tensorflow_used_with_keras_3_before_the_package_stops_with_one_line():
+    result = _run("import tensorflow as tf\ntf.keras.layers.Dense(1)\nimport eqdp_tf")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("layers._tf_setup.KerasVersionError: tf.keras is Keras 3."), last
+    assert "set TF_USE_LEGACY_KERAS=1 before importing TensorFlow" in last
+
+
+@needs_keras3
+def test_keras_3_without_tf_keras_names_the_package_to_install():
+    # sys.modules[name] = None: the interpreter finds no such package.
+    result = _run("import sys\nsys.modules['tf_keras'] = None\nimport layers")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    minor = ".".join(TF_VERSION.split(".")[:2])
+    assert last.startswith("layers._tf_setup.KerasVersionError: tf.keras would be Keras 3 (Keras 3."), last
+    assert last.endswith(f"pip install 'tf-keras~={minor}.0'"), last
