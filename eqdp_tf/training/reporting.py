@@ -18,6 +18,20 @@ from eqdp_tf.training.checkpoint_journal import JOURNAL_NAME, describe_steps
 from eqdp_tf.training.progress import Progress
 
 
+def describe_device(dist):
+    """Where the steps run, for the start line: the GPU (or GPUs, distributed) TensorFlow places them on, by name,
+    else the CPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "CPU (TensorFlow sees no GPU)"
+    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name")
+    named = f" ({name})" if name else ""
+    if dist.distributed:
+        return f"{len(gpus)} GPU{'s' if len(gpus) > 1 else ''}{named} per worker"
+    unused = f", one of {len(gpus)} (--distribution=mirrored uses all)" if len(gpus) > 1 else ""
+    return f"GPU:0{named}{unused}"
+
+
 class TrainingError(UserError):
     """Training cannot go on (e.g. the loss diverged); nothing further is written."""
 
@@ -180,7 +194,7 @@ class Reporter:
         for path, err in plan.skipped:
             print(f"warning: checkpoint {path} is unreadable ({err}); set aside, using an older one")
         print(f"model {model.name}: {model.count_params():,} parameters; train {plan.num_examples}, test "
-              f"{num_test} examples; XLA {'on' if jit else 'off'}")
+              f"{num_test} examples; on {describe_device(dist)}; XLA {'on' if jit else 'off'}")
         if dist.distributed:
             print(f"distributed: {dist.describe()}; --physical_batch_size {cfg.physical_batch_size} per replica")
         if cfg.dp:
