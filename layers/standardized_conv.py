@@ -73,39 +73,42 @@ class StandardizedConv2D(tf.keras.layers.Layer):
 
     def expanded_kernel(self):
         """The standardised ``[k, k, C_in, filters]`` kernel the convolution uses (computed in float32)."""
+        r, _, gain, _ = self.standardization_terms()
+        return tf.cast(r * gain, self.compute_dtype)
+
+    def standardization_terms(self):
+        """(r, inverse_norm, gain, projected) at the current weights, float32, per filter o: the kernel is
+        gain_o * r_o with r_o = (w_o - mean(w_o)) * inverse_norm_o and inverse_norm_o = 1 / sqrt(max(N var(w_o),
+        epsilon)), so r_o has zero mean and, where ``projected_o`` = 1 (N var(w_o) >= epsilon), unit norm. The
+        Jacobian, for a gradient d_o of the kernel's filter o:
+
+            dL/dgain_o = r_o . d_o,
+            dL/dw_o = gain_o * inverse_norm_o * (d_o - mean(d_o) - projected_o r_o (r_o . d_o)).
+
+        Shapes: r [k, k, C_in, filters], the others [filters] (gain 1 without ``use_gain``).
+        """
         kernel = tf.cast(self.kernel, tf.float32)
-        mean, variance = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
-        fan_in = float(np.prod(kernel.shape[:-1]))
-        scale = tf.math.rsqrt(tf.maximum(variance * fan_in, self.epsilon))
-        if self.gain is not None:
-            scale = scale * tf.cast(self.gain, tf.float32)
-        return tf.cast((kernel - mean) * scale, self.compute_dtype)
+        mean, variance = tf.nn.moments(kernel, axes=[0, 1, 2])
+        squared_norm = variance * float(np.prod(kernel.shape[:-1]))
+        inverse_norm = tf.math.rsqrt(tf.maximum(squared_norm, self.epsilon))
+        gain = tf.cast(self.gain, tf.float32) if self.gain is not None else tf.ones([self.filters])
+        # tf.maximum passes the gradient to its first argument on ties, so the projection is kept there too.
+        projected = tf.cast(squared_norm >= self.epsilon, tf.float32)
+        return (kernel - mean) * inverse_norm, inverse_norm, gain, projected
 
     def weight_gradients_from_kernel(self, kernel_grads):
         """Per-example gradients of the raw weights from per-example gradients of the standardised kernel.
 
         ``kernel_grads`` [B, k, k, C_in, filters] -> [(kernel, [B, k, k, C_in, filters]), (gain, [B, filters])] (the
-        gain only with ``use_gain``). The Jacobian of the standardisation at the current weights, written out:
-        with u = w - mean(w) and s = sqrt(N var(w)) per filter, r = u / s and d a filter's kernel gradient,
-
-            dL/dgain = r . d,        dL/dw = (gain / s) * (d - mean(d) - r (r . d)),
-
-        and without the last term where N var(w) < epsilon (there s = sqrt(epsilon) does not depend on w). Every
-        example shares the Jacobian, so this is a few elementwise passes over the batch instead of differentiating
-        the standardisation once per example (the per-example engine's generic route, ~2-3x slower here).
+        gain only with ``use_gain``): the Jacobian of ``standardization_terms`` written out. Every example shares
+        it, so this is a few elementwise passes over the batch instead of differentiating the standardisation once
+        per example (the per-example engine's generic route, ~2-3x slower here).
         """
         d = tf.cast(kernel_grads, tf.float32)
-        kernel = tf.cast(self.kernel, tf.float32)
-        mean, variance = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
-        fan_in = float(np.prod(kernel.shape[:-1]))
-        squared_norm = variance * fan_in
-        scale = tf.math.rsqrt(tf.maximum(squared_norm, self.epsilon))
-        r = (kernel - mean) * scale
+        r, inverse_norm, gain, projected = self.standardization_terms()
         r_dot_d = tf.reduce_sum(r * d, axis=[1, 2, 3], keepdims=True)  # [B, 1, 1, 1, filters]
-        # tf.maximum passes the gradient to its first argument on ties, so the projection is kept there too.
-        projected = tf.cast(squared_norm >= self.epsilon, tf.float32) * r * r_dot_d
-        gain = tf.cast(self.gain, tf.float32) if self.gain is not None else 1.0
-        kernel_grad = gain * scale * (d - tf.reduce_mean(d, axis=[1, 2, 3], keepdims=True) - projected)
+        kernel_grad = gain * inverse_norm * (d - tf.reduce_mean(d, axis=[1, 2, 3], keepdims=True) -
+                                             projected * r * r_dot_d)
         grads = [(self.kernel, tf.cast(kernel_grad, self.kernel.dtype))]
         if self.gain is not None:
             grads.append((self.gain, tf.cast(r_dot_d[:, 0, 0, 0, :], self.gain.dtype)))
