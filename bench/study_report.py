@@ -34,7 +34,8 @@ def _table(rows):
                     [[r["name"], MODEL_LABELS[r["model"]], f"{r['parameters']:,}",
                       "∞ (non-private)" if r["epsilon"] is None else f"{r['epsilon']:.2f}",
                       "–" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}",
-                      f"{r['steps']} × {r['batch']}", "–" if r["views_per_sec"] is None else f"{r['views_per_sec']:.0f}",
+                      f"{r['steps']} × {r['batch']}",
+                      "–" if r["views_per_sec"] is None else f"{r['views_per_sec']:.0f}",
                       f"{100 * r['test_accuracy']:.1f}%", f"{r['wall_minutes']:.0f} min"] for r in rows])
 
 

@@ -25,7 +25,8 @@ def machine_label(name, machines):
         cpu = machine["cpu"].split(" (family")[0]
         for noise in ("(R)", "(TM)", " Processor", " CPU"):
             cpu = cpu.replace(noise, "")
-        units = [unit for flag, unit in (("avx512f", "AVX-512"), ("amx_tile", "AMX")) if flag in machine["simd"].split()]
+        simd = machine["simd"].split()
+        units = [unit for flag, unit in (("avx512f", "AVX-512"), ("amx_tile", "AMX")) if flag in simd]
         label = f"{cpu.split(' @')[0].strip()}, {machine['cores']} cores" + (f" ({', '.join(units)})" if units else "")
         labels += [label] if label not in labels else []
     return " + ".join(labels)

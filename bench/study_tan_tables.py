@@ -23,7 +23,9 @@ FRACTIONS = (0.25, 0.5, 1.0)
 def recipe(config):
     values = (float(config["learning_rate"]), float(config["l2_norm_clip"]), float(config["ema_decay"]),
               int(config["steps"]))
-    return PAPER_RECIPE if values == (2.0, 2.0, 0.999, 2160) else "lr {:g}, C = {:g}, EMA {:g}, {} steps".format(*values)
+    if values == (2.0, 2.0, 0.999, 2160):
+        return PAPER_RECIPE
+    return "lr {:g}, C = {:g}, EMA {:g}, {} steps".format(*values)
 
 
 def config_key(row):
