@@ -52,7 +52,9 @@ class StepRandomness:
 class SaltedSampler:
     """A sampler whose steps in ``randomness``'s salt table are drawn with a fresh seed; otherwise the base one.
 
-    ``make(seed)`` builds a ``data`` sampler; everything but ``sample``/``physical_batches`` is the base's.
+    ``make(seed)`` builds a ``data`` sampler; everything but ``sample``/``physical_batches`` is the base's. Samplers
+    number the logical steps from 0 (``data.make_train_dataset`` asks for step t - 1 to take step t), the salt
+    table and the noise from 1, as the privacy journal does: ``sample(t - 1)`` is step t's batch.
     """
 
     def __init__(self, make: Callable[[int], object], randomness: StepRandomness):
@@ -65,7 +67,7 @@ class SaltedSampler:
         return getattr(self._base, name)
 
     def _for(self, step):
-        salt = self._randomness.salt(step)
+        salt = self._randomness.salt(step + 1)  # sampler step ``step`` is logical step ``step + 1``
         if salt not in self._by_salt:
             self._by_salt[salt] = self._make(self._randomness.sampler_seed(salt))
         return self._by_salt[salt]
