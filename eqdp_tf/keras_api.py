@@ -48,6 +48,14 @@ from eqdp_tf.training.ema import WeightAverage
 _POISSON_KEYS = {"views", "mask", "last"}
 
 
+class _NoiseSeedRecord:
+    """The logical step the optimizer's noise seed was last set for. A plain object, so that Keras does not track
+    its variable: it is no weight of the model and belongs in no checkpoint."""
+
+    def __init__(self):
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="noise_seed_step")
+
+
 @dataclasses.dataclass(frozen=True)
 class PrivacySettings:
     """What ``make_private`` needs to know: C, the noise (sigma, or a target epsilon to calibrate it to), the
@@ -209,6 +217,7 @@ class PrivateModel(tf.keras.Model):
         key = settings.noise_seed if settings.noise_seed is not None else secrets.randbits(256)
         self.randomness = StepRandomness(key)
         self.dp_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_steps")
+        self._noise_seed_for = _NoiseSeedRecord()
         self._loss_tracker = tf.keras.metrics.Mean(name="loss")
         self._warned_plain = False
         self._dp_step = None
@@ -247,8 +256,14 @@ class PrivateModel(tf.keras.Model):
         stats, losses, logits = self._dp_step.accumulate(views, y, mask, return_outputs=True)
 
         def apply():
-            self._dp_step.apply()
-            self.dp_steps.assign_add(1)
+            # A seed left from an earlier step would add that step's noise again (its update minus this one would
+            # then be noise-free): refused. `make_train_function` sets it before every physical batch.
+            seeded = tf.debugging.assert_equal(
+                self._noise_seed_for.step, self.dp_steps + 1,
+                message="no noise seed was set for this DP step; train through fit or train_on_batch")
+            with tf.control_dependencies([seeded]):
+                self._dp_step.apply()
+                self.dp_steps.assign_add(1)
             return tf.constant(True)
 
         tf.cond(last, apply, lambda: tf.constant(False))
@@ -256,6 +271,31 @@ class PrivateModel(tf.keras.Model):
         mean_logits = tf.reduce_mean(logits, axis=1)  # the K views' prediction
         self.compiled_metrics.update_state(y, mean_logits, sample_weight=mask)
         return {m.name: m.result() for m in self.metrics}
+
+    def make_train_function(self, force=False):
+        """Keras' train function, through which every physical batch of ``fit`` and ``train_on_batch`` goes, preceded
+        by ``_before_physical_batch`` (``train_on_batch`` runs no callbacks, so this is not left to one)."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        traced = super().make_train_function(force=force)
+
+        def train_function(iterator):
+            self._before_physical_batch()
+            return traced(iterator)
+
+        self.train_function = train_function
+        return train_function
+
+    def _before_physical_batch(self):
+        """Holds the epsilon ceiling and sets the keyed noise seed of the step this physical batch may complete."""
+        taken, limit = int(self.dp_steps.numpy()), self.max_steps
+        if limit is not None and taken >= limit:
+            raise PrivacyError(
+                f"{taken} DP steps taken: one more would take epsilon to "
+                f"{self.settings.epsilon(self.noise_multiplier, taken + 1):.4g}, above the ceiling "
+                f"{self.settings.ceiling:g}; nothing more was trained")
+        self.dp_optimizer.set_noise_seed(self.randomness.noise_seed(taken + 1))
+        self._noise_seed_for.step.assign(taken + 1)
 
     def test_step(self, data):
         x, y, sample_weight = tf.keras.utils.unpack_x_y_sample_weight(data)
@@ -334,7 +374,8 @@ class PrivateModel(tf.keras.Model):
 
 
 class _PrivacyCallback(tf.keras.callbacks.Callback):
-    """Sets each step's keyed noise seed, holds the epsilon ceiling, and puts epsilon into the epoch logs."""
+    """Stops ``fit`` at the epsilon ceiling and puts epsilon into the epoch logs (the noise seed and the refusal
+    to pass the ceiling are ``PrivateModel._before_physical_batch``'s)."""
 
     def __init__(self, private_model):
         super().__init__()
@@ -343,15 +384,6 @@ class _PrivacyCallback(tf.keras.callbacks.Callback):
 
     def _steps(self):
         return int(self.private.dp_steps.numpy())
-
-    def on_train_batch_begin(self, batch, logs=None):
-        taken, limit = self._steps(), self.private.max_steps
-        if limit is not None and taken >= limit:
-            raise PrivacyError(
-                f"{taken} DP steps taken: one more would take epsilon to "
-                f"{self.private.settings.epsilon(self.private.noise_multiplier, taken + 1):.4g}, above the ceiling "
-                f"{self.private.settings.ceiling:g}; nothing more was trained")
-        self.private.dp_optimizer.set_noise_seed(self.private.randomness.noise_seed(taken + 1))
 
     def on_train_batch_end(self, batch, logs=None):
         limit = self.private.max_steps

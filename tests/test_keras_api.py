@@ -139,6 +139,24 @@ def test_noise_std_of_the_update_is_lr_sigma_c_over_b():
     assert abs(np.mean(update)) < 0.1 * 0.012 * 4 / math.sqrt(update.size) * 10
 
 
+def test_train_on_batch_adds_fresh_keyed_noise_at_every_step():
+    """train_on_batch runs no callbacks; its steps once all reused one noise seed (their differences noise-free)."""
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential([tf.keras.Input([1, 1, 4]), tf.keras.layers.Flatten(),
+                                 tf.keras.layers.Dense(1000, use_bias=False)])
+    private = eqdp_tf.make_private(model, l2_norm_clip=2.0, noise_multiplier=3.0, dataset_size=1000, batch_size=50)
+    private.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss=tf.keras.losses.MeanSquaredError())
+    updates = []
+    for _ in range(2):
+        before = private.inner.get_weights()[0].copy()
+        private.train_on_batch(np.zeros([50, 1, 1, 4], np.float32), np.zeros([50, 1000], np.float32))
+        updates.append((private.inner.get_weights()[0] - before).ravel())
+    assert int(private.dp_steps.numpy()) == 2
+    for update in updates:
+        assert np.std(update) == pytest.approx(0.1 * 3.0 * 2.0 / 50, rel=0.05)
+    assert abs(np.corrcoef(*updates)[0, 1]) < 0.05
+
+
 @needs_data
 def test_callbacks_see_epsilon_and_the_ceiling_stops_training(cifar, tmp_path):
     images, labels, test_images, test_labels = cifar
