@@ -257,7 +257,8 @@ def define_flags():
     flags.DEFINE_integer("eval_batch_size", d.eval_batch_size, "Batch size for evaluation.")
     flags.DEFINE_integer("checkpoint_every", d.checkpoint_every, "Checkpoint every N steps (and at the end).")
     flags.DEFINE_integer("log_every", d.log_every, "Update progress and TensorBoard every N steps.")
-    flags.DEFINE_integer("seed", d.seed, "Seed for initialisation, sampling, augmentation and noise.")
+    flags.DEFINE_integer("seed", d.seed, "Seed of the weight initialisation and the augmentation crops, nothing else "
+                         "(see --dp_seed).")
     flags.DEFINE_enum("jit_compile", d.jit_compile, JIT_CHOICES, "XLA: auto = on with a GPU, off on CPU.")
     flags.DEFINE_boolean("export", d.export, "Export a SavedModel at the end.")
     flags.DEFINE_enum("distribution", d.distribution, DISTRIBUTIONS,

@@ -42,3 +42,16 @@ print(json.dumps(out))
             wrn["l2_norm_clip"], wrn["ema_decay"], wrn["wrn_weight_standardization"]) == \
         (4096, 2500, 3.0, 16, 4.0, 1.0, 0.9999, True)
     assert wrn["target_epsilon"] is None  # sigma given, not calibrated
+
+
+def test_only_dp_seed_says_it_seeds_the_batches_or_the_noise():
+    # --seed is public: it seeds the initialisation and the augmentation; the batches and the noise come from the
+    # run's secret key, or --dp_seed (its help once said --seed seeded them too).
+    code = ("import json; from absl import flags; import eqdp_tf.config as c; c.define_flags(); "
+            "print(json.dumps({n: flags.FLAGS[n].help for n in flags.FLAGS if 'seed' in n}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    helps = {name: text.lower() for name, text in json.loads(done.stdout).items()}
+    assert set(helps) == {"seed", "dp_seed"}
+    for name, text in helps.items():
+        assert ("sampling" in text and "noise" in text) == (name == "dp_seed"), (name, text)
