@@ -92,13 +92,58 @@ def test_written_out_jacobian_matches_differentiating_the_standardisation(use_ga
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5 * float(tf.reduce_max(tf.abs(want))))
 
 
-def test_clipped_sum_never_takes_the_ghost_route_for_a_standardised_conv():
-    # The ghost norm is that of the kernel the conv uses, not of the raw weights and gains DP-SGD updates.
+def test_clipped_sum_never_takes_the_plain_ghost_route_for_a_standardised_conv():
+    # The plain ghost norm is that of the kernel the conv uses, not of the raw weights and gains DP-SGD updates.
     layer = _built()
     x = tf.zeros([2, 8, 8, 4])
     assert not clipped_sum.ghost_allowed(layer, x, layer(x), 1)
+    assert clipped_sum.route_cost(layer, x, layer(x), 1)[0] == "standardized_ghost"
     plain = tf.keras.layers.Conv2D(5, 3, padding="same", use_bias=False)
     assert clipped_sum.ghost_allowed(plain, x, plain(x), 1)
+
+
+def _standardised_cnn():
+    """Weight-standardised convs in the shapes the route must get right: strided, 'valid', 1x1, without gain, without
+    bias, and one filter whose weights are all equal (its norm bounded by epsilon: no projection)."""
+    inputs = tf.keras.Input([8, 8, 3])
+    h = StandardizedConv2D(6, 3, name="a")(inputs)
+    h = tf.keras.layers.GroupNormalization(2)(h)
+    h = StandardizedConv2D(8, 3, strides=2, use_gain=False, name="b")(h)
+    h = h + StandardizedConv2D(8, 1, strides=2, padding="valid", use_bias=False, name="c")(inputs)
+    h = StandardizedConv2D(5, 3, padding="valid", name="d")(tf.nn.relu(h))
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(10)(tf.keras.layers.GlobalAveragePooling2D()(h)))
+    a = model.get_layer("a")
+    a.kernel.assign(tf.concat([tf.fill(a.kernel.shape[:-1] + [1], 0.3), a.kernel[..., 1:]], axis=-1))
+    for layer in model.layers:
+        if isinstance(layer, StandardizedConv2D) and layer.gain is not None:
+            layer.gain.assign(tf.linspace(0.5, 1.5, layer.filters))
+    return model
+
+
+@pytest.mark.parametrize("norm_method", ["ghost", "auto"])
+def test_standardised_ghost_route_gives_the_clipped_sum_of_the_materialised_gradients(norm_method):
+    model = _standardised_cnn()
+    views, labels = _views(5, 2, seed=4)
+    mask = tf.constant([1.0, 1.0, 0.0, 1.0, 1.0])
+    grads, _, _ = dp_step.vmap_per_example_gradients(model, LOSS, views, labels, "sum")
+    clipped, want_norms = dp_step.clip_per_example(grads, 0.5)
+    sums, norms, _, _ = clipped_sum.clipped_gradient_sum(model, LOSS, views, labels, lambda l: tf.reduce_sum(l, 1),
+                                                         0.5, mask, norm_method)
+    np.testing.assert_allclose(norms.numpy(), want_norms.numpy(), rtol=2e-5)
+    assert float(tf.reduce_min(norms)) > 0.5  # every example clipped: the clip factors matter
+    for got, g, variable in zip(sums, clipped, model.trainable_variables):
+        want = tf.tensordot(mask, g, axes=1)
+        assert float(tf.reduce_max(tf.abs(got - want)) / tf.reduce_max(tf.abs(want))) < 1e-4, variable.name
+
+
+def test_the_standardised_ghost_route_pays_at_wrn_s_last_stage_only():
+    def decide(size, channels):
+        layer = StandardizedConv2D(channels, 3)
+        x = tf.zeros([2, size, size, channels])
+        return clipped_sum.ghost_pays(layer, x, tf.zeros_like(layer(x)), 1)
+
+    assert decide(8, 256)  # 64 rows, 590k weights: ~70 multiply-adds per materialised entry against 64 * 2
+    assert not decide(16, 128) and not decide(32, 64)
 
 
 def test_serialises_and_freezes_to_a_plain_conv_with_the_same_outputs():

@@ -34,7 +34,7 @@ B x (entries of the per-example gradient it forms)).
 
 import tensorflow as tf
 
-from eqdp_tf.privacy import gather_ghost, per_example
+from eqdp_tf.privacy import gather_ghost, per_example, standardized_ghost
 
 NORM_METHODS = ("auto", "materialise", "ghost")
 
@@ -109,13 +109,17 @@ def gather_ghost_allowed(layer, x, dz, num_views):
 
 def route_cost(layer, x, dz, num_views, ignore_activation=False):
     """(route name, Gram multiply-adds per example, per-example gradient entries the materialise route forms)
-    of the ghost route exact for ``layer`` ('ghost' or 'gather_ghost'), or None when neither is."""
+    of the ghost route exact for ``layer`` ('ghost', 'gather_ghost' or 'standardized_ghost'), or None when none is."""
     if ghost_allowed(layer, x, dz, num_views, ignore_activation):
         weights = sum(int(v.shape.num_elements()) for v in layer.trainable_variables)
         return "ghost", ghost_gram_macs(layer, x, dz, num_views), weights
     if gather_ghost_allowed(layer, x, dz, num_views):
         return ("gather_ghost", gather_ghost.gram_macs(layer, x, dz, num_views),
                 gather_ghost.materialised_entries(layer))
+    if standardized_ghost.allowed(layer, x, dz, num_views):
+        return ("standardized_ghost",
+                ghost_gram_macs(layer, x, dz, num_views) + standardized_ghost.extra_macs(layer, x, dz, num_views),
+                standardized_ghost.materialised_entries(layer))
     return None
 
 
@@ -151,7 +155,7 @@ def _conv_patch_gram(x, k, s, padding, batch, num_views):
     return tf.reshape(total, [batch, num_views * out_h * out_w, num_views * out_h * out_w])
 
 
-def _ghost_squared_norm(layer, x, dz, batch, num_views):
+def _ghost_squared_norm(layer, x, dz, batch, num_views, with_bias=True):
     """[B] squared norm of each example's gradient of the layer's kernel (and bias), by Gram matrices."""
     dz_rows = tf.reshape(dz, [batch, -1, tf.shape(dz)[-1]])
     if per_example.is_dense(layer):
@@ -162,7 +166,7 @@ def _ghost_squared_norm(layer, x, dz, batch, num_views):
         input_gram = _conv_patch_gram(x, k, s, padding, batch, num_views)
     output_gram = tf.linalg.matmul(dz_rows, dz_rows, transpose_b=True)
     squared = tf.reduce_sum(input_gram * output_gram, axis=[1, 2])
-    if getattr(layer, "bias", None) is not None:
+    if with_bias and getattr(layer, "bias", None) is not None:
         squared += tf.reduce_sum(tf.square(tf.reduce_sum(dz_rows, axis=1)), axis=1)
     return squared
 
@@ -219,6 +223,25 @@ def gather_ghost_route(layer, x, dz, batch, num_views):
     return squared, weighted_sum
 
 
+def _standardized_squared_norm(layer, x, dz, batch, num_views):
+    """[B] by `standardized_ghost`: the Gram matrices of dz scaled per filter, and its corrections."""
+    scaled = dz * tf.cast(standardized_ghost.kernel_scale(layer), dz.dtype)
+    return (tf.cast(_ghost_squared_norm(layer, x, scaled, batch, num_views, with_bias=False), tf.float32) +
+            standardized_ghost.corrections(layer, x, dz, batch))
+
+
+def standardized_ghost_route(layer, x, dz, batch, num_views):
+    """([B] squared norms, weights -> [(variable, sum_i weights_i g_i)]) of a weight-standardised convolution
+    (`standardized_ghost`): Gram matrices, and one batched kernel gradient taken through the standardisation."""
+    squared = _standardized_squared_norm(layer, x, dz, batch, num_views)
+
+    def weighted_sum(weights):
+        (_, kernel_sum), *bias = _ghost_weighted_sum(layer, x, dz, tf.cast(tf.repeat(weights, num_views), dz.dtype))
+        return standardized_ghost.raw_weight_sum(layer, kernel_sum) + bias
+
+    return squared, weighted_sum
+
+
 def squared_norms(layer, x, dz, batch, num_views, norm_method="auto", ignore_activation=False):
     """[B] per-example squared norms of ``layer``'s weight gradient by the route `norm_method` picks (the norms
     only: TF-Privacy's fast clipping forms the clipped sum itself)."""
@@ -227,6 +250,8 @@ def squared_norms(layer, x, dz, batch, num_views, norm_method="auto", ignore_act
         return _ghost_squared_norm(layer, x, dz, batch, num_views)
     if route is gather_ghost_route:
         return gather_ghost.squared_norms(layer, x, dz, batch, num_views)
+    if route is standardized_ghost_route:
+        return _standardized_squared_norm(layer, x, dz, batch, num_views)
     return None
 
 
@@ -298,4 +323,5 @@ def _route(norm_method, layer, x, dz, num_views, ignore_activation=False):
     cost = route_cost(layer, x, dz, num_views, ignore_activation)
     if cost is None or (norm_method == "auto" and cost[1] >= GHOST_MACS_PER_WEIGHT * cost[2]):
         return materialise_route
-    return ghost_route if cost[0] == "ghost" else gather_ghost_route
+    return {"ghost": ghost_route, "gather_ghost": gather_ghost_route,
+            "standardized_ghost": standardized_ghost_route}[cost[0]]
