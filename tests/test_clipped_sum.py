@@ -112,3 +112,10 @@ def test_bad_norm_method_is_refused():
     optimizer = dp_step.DPKerasSGDOptimizer(1.0, 1.0, 8.0, learning_rate=0.1)
     with pytest.raises(ConfigError, match="norm_method must be one of"):
         dp_step.DPStep(model, None, optimizer, norm_method="cheap")
+
+
+def test_ghost_layers_go_first_in_backward_order_then_materialised_ones_in_forward_order():
+    ghost, gather, materialise = clipped_sum.ghost_route, clipped_sum.gather_ghost_route, clipped_sum.materialise_route
+    routed = [(name, None, None, route) for name, route in
+              [("a", materialise), ("b", gather), ("c", materialise), ("d", gather), ("e", ghost)]]
+    assert [entry[0] for entry in clipped_sum._processing_order(routed)] == ["e", "d", "b", "a", "c"]
