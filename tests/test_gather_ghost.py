@@ -1,12 +1,15 @@
 """Ghost norms of group convolutions (privacy/gather_ghost.py) against materialised per-example base-filter
-gradients, in the clipped sum."""
+gradients, in the clipped sum and in the TF-Privacy registry."""
 
 import zlib
 
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_privacy
+from tensorflow_privacy.privacy.fast_gradient_clipping import clip_grads
 
+import eqdp_tf
 import layers
 from eqdp_tf.models import build_model
 from eqdp_tf.privacy import clipped_sum, dp_step, gather_ghost, per_example
@@ -158,3 +161,57 @@ def test_auto_takes_the_gather_route_where_the_cost_model_says():
     layer = model.get_layer("stage4_conv")
     x, dz = tf.zeros([8] + list(layer.input.shape[1:])), tf.zeros([8] + list(layer.output.shape[1:]))
     assert not clipped_sum.ghost_pays(layer, x, dz, 4) and clipped_sum.ghost_pays(layer, x, dz, 1)
+
+
+def _low_resolution_model():
+    """Lifting and group convs at 4x4, where the gather route pays, and a plain conv between them."""
+    tf.keras.utils.set_random_seed(2)
+    inputs = tf.keras.Input([4, 4, 3])
+    x = layers.LiftingConv2D(4, 3, group="D2", name="lift")(inputs)
+    x = tf.keras.layers.Activation("tanh")(x)
+    x = layers.GroupConv2D(6, 3, group="D2", name="mid")(x)
+    x = layers.GroupConv2D(6, 3, group="C4", name="late")(tf.keras.layers.Conv2D(24, 1)(x))
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(4)(tf.keras.layers.Flatten()(x)))
+
+
+def test_registry_takes_the_gather_route_and_gives_the_same_norms(monkeypatch):
+    calls = _count_calls(monkeypatch)
+    model = _low_resolution_model()
+    x = tf.zeros([2, 4, 4, 24])
+    assert clipped_sum._route("auto", model.get_layer("late"), x, model.get_layer("late")(x), 1) \
+        is clipped_sum.gather_ghost_route
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=[5, 4, 4, 3]).astype(np.float32)
+    labels = rng.integers(0, 4, size=[5])
+
+    def loss(y, logits, weights=None):
+        return tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+
+    norms = clip_grads.compute_gradient_norms(model, eqdp_tf.layer_registry(), images, labels,
+                                              per_example_loss_fn=loss)
+    grads, _, _ = dp_step.vmap_per_example_gradients(model, lambda y, z: loss(y, z), images[:, None], labels)
+    expected = np.sqrt(sum(np.sum(np.reshape(g.numpy() ** 2, [len(labels), -1]), axis=1) for g in grads))
+    np.testing.assert_allclose(norms.numpy(), expected, rtol=1e-5)
+    assert sorted(calls) == ["late", "lift", "mid"]  # at 4x4 every group conv takes it, the lifting one too
+
+
+def test_dp_model_with_the_registry_equals_its_stock_path_where_the_gather_route_is_taken():
+    """TF-Privacy's DPModel, fast clipping with our registry (the gather route on every group conv here) against
+    its own vectorized_map path: the same update (no noise, a clip norm that binds)."""
+    rng = np.random.default_rng(4)
+    images = rng.normal(size=[6, 4, 4, 3]).astype(np.float32)
+    labels = rng.integers(0, 4, size=[6])
+    updates = {}
+    for fast in (True, False):
+        base = _low_resolution_model()
+        model = tensorflow_privacy.DPModel(l2_norm_clip=0.05, noise_multiplier=0.0, use_xla=False,
+                                           layer_registry=eqdp_tf.layer_registry() if fast else None,
+                                           inputs=base.inputs, outputs=base.outputs)
+        model.compile(optimizer=tf.keras.optimizers.SGD(1.0),
+                      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        before = [w.copy() for w in model.get_weights()]
+        model.fit(images, labels, batch_size=len(labels), epochs=1, verbose=0)
+        updates[fast] = [w - b for w, b in zip(model.get_weights(), before)]
+    for fast_update, stock_update in zip(updates[True], updates[False]):
+        np.testing.assert_allclose(fast_update, stock_update, atol=1e-6, rtol=1e-4)
+    assert max(np.max(np.abs(u)) for u in updates[True]) > 1e-4

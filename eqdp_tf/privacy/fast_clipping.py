@@ -5,10 +5,13 @@ it, they compute per-example gradient norms from one batched pass ("fast clippin
 `vectorized_map`. Its default registry has Dense and Embedding (and, separately, EinsumDense, LayerNorm and
 attention), but no convolution, so every CNN takes the slow path. `make_layer_registry()` adds:
 
-- `tf.keras.layers.Conv2D` (and group convolutions, passed in by `eqdp_tf.layer_registry()`): the registry function runs the layer
-  without its activation, watches that pre-activation output Z, and turns dL/dZ into each example's filter
-  gradient with the same rule the DP step uses (`per_example`: one matmul per kernel tap; for group
-  convolutions back through the kernel expansion to the base filter), then squares and sums it.
+- `tf.keras.layers.Conv2D` (and group convolutions, passed in by `eqdp_tf.layer_registry()`): the registry
+  function runs the layer without its activation, watches that pre-activation output Z, and turns dL/dZ into
+  each example's squared gradient norm by the route the DP step would choose for it (`clipped_sum.squared_norms`,
+  norm_method 'auto'): ghost norms where they pay (Gram matrices; for group convolutions over exact groups, the
+  identity of `gather_ghost`), else the per-example filter gradient by the DP step's rule (`per_example`: one
+  matmul per kernel tap; for group convolutions back through the kernel expansion to the base filter), squared
+  and summed.
 - normalisation layers with an affine transform (Keras' `GroupNormalization` and `LayerNormalization`, and
   ours): the layer is re-run per example on its own input and output gradient (cheap: no
   convolution inside).
@@ -21,7 +24,7 @@ returns the per-example squared L2 norms of that layer's weight gradient. Microb
 import tensorflow as tf
 from tensorflow_privacy.privacy.fast_gradient_clipping import layer_registry as tfp_layer_registry
 
-from eqdp_tf.privacy import per_example
+from eqdp_tf.privacy import clipped_sum, per_example
 
 _LINEAR = (None, tf.keras.activations.linear)
 
@@ -59,6 +62,10 @@ def conv_layer_computation(layer_instance, input_args, input_kwargs, tape, num_m
 
     def sqr_norm_fn(base_vars_grads):
         batch = tf.shape(x)[0]
+        squared = clipped_sum.squared_norms(layer_instance, tf.cast(x, base_vars_grads.dtype), base_vars_grads, batch,
+                                            1, ignore_activation=True)
+        if squared is not None:
+            return squared
         return _squared_norms(per_example.conv_weight_gradients(layer_instance, x, base_vars_grads, batch), batch)
 
     return base_vars, outputs, sqr_norm_fn
