@@ -12,7 +12,8 @@ own tf.function (median of --steps after --warmup):
   weighted sum;
 - *ghost*: `clipped_sum.ghost_route`, Gram-matrix norms and one batched gradient of the reweighted dL/dZ, where
   the ghost norm is exact (ordinary convs, C1 group convs, Dense); for group convs over exact groups
-  `clipped_sum.gather_ghost_route` instead (`gather_ghost.py`), named in the last column.
+  `clipped_sum.gather_ghost_route` instead (`gather_ghost.py`), for weight-standardised convs
+  `clipped_sum.standardized_ghost_route`; the route is named in the last column.
 
 Beside them the cost model's input, the Gram matrices' multiply-adds per example over the entries of the
 per-example gradient the materialise route forms (`gram/entries`: the layer's weights p; for a group conv, its
@@ -107,7 +108,7 @@ def main(argv=None):
             ghost_cells = ["–"] * 5
             cost = clipped_sum.route_cost(layer, x, dz, 1)
             if cost is not None:
-                route = clipped_sum.ghost_route if cost[0] == "ghost" else clipped_sum.gather_ghost_route
+                route = clipped_sum._route("ghost", layer, x, dz, 1)  # pylint: disable=protected-access
                 ghost = _timed(_route_fn(route, layer, x, dz, args.batch), args)
                 ghost_cells = [f"{ghost:.1f}", f"{ghost / materialise:.2f}", f"{cost[1] / cost[2]:.1f}",
                                str(clipped_sum.ghost_pays(layer, x, dz, 1)), cost[0]]
