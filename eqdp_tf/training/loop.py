@@ -85,7 +85,7 @@ def run(cfg: TrainConfig):
         finally:
             for name in ("reporter", "folder"):
                 if name in opened:
-                    (opened[name].journal if name == "folder" else opened[name]).close()
+                    opened[name].close()
 
 
 def _run(cfg, dist, stop, opened):

@@ -6,6 +6,7 @@ hand it to every worker. Nothing here builds a model or touches TensorFlow.
 """
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -64,11 +65,19 @@ class RunPlan:
 
 @dataclasses.dataclass
 class RunFolder:
-    """The chief's open run folder: its privacy journal, its checkpoints, and the privacy settings changed."""
+    """The chief's open run folder: its privacy journal, its checkpoints, the privacy settings changed, and the lock
+    that keeps other processes out of it until ``close``."""
 
     journal: PrivacyJournal
     store: CheckpointStore
     changes: Dict[str, Tuple]
+    lock: Optional[int] = None  # a descriptor of the folder, flocked
+
+    def close(self):
+        self.journal.close()
+        if self.lock is not None:
+            os.close(self.lock)  # releases the flock
+            self.lock = None
 
 
 def _has_training_state(output_dir):
@@ -127,15 +136,39 @@ def _check_same_run(cfg, saved):
     return changes
 
 
+def _lock_run_folder(output_dir):
+    """Creates the folder and takes an exclusive flock on it (no file is written), held until the returned
+    descriptor is closed or the process ends, crash included; refuses if another process holds it. Two processes
+    in one folder would interleave their privacy journals and leave them unreadable."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        lock = os.open(output_dir, os.O_RDONLY)
+    except OSError as err:
+        raise ConfigError(f"cannot write to --output_dir {output_dir}: {one_line(err)}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)
+        raise ConfigError(f"another process is training in --output_dir {output_dir}; wait for it to stop, or use "
+                          "another folder") from None
+    return lock
+
+
 def open_run_folder(cfg):
-    """Chief: checks or creates the run folder and opens its journal and checkpoint store."""
-    changes = prepare_output_dir(cfg)
-    journal = PrivacyJournal(os.path.join(cfg.output_dir, JOURNAL_NAME))
-    store = CheckpointStore(None, os.path.join(cfg.output_dir, CHECKPOINT_DIR))
-    if store.steps() and not journal.has_steps:
-        raise JournalError(f"--output_dir {cfg.output_dir} holds checkpoints but no record of their privacy in "
-                           f"{JOURNAL_NAME}, so the privacy already spent is unknown; use another folder")
-    return RunFolder(journal, store, changes)
+    """Chief: takes the run folder (one process at a time), checks or creates it and opens its journal and
+    checkpoint store."""
+    lock = _lock_run_folder(cfg.output_dir)
+    try:
+        changes = prepare_output_dir(cfg)
+        journal = PrivacyJournal(os.path.join(cfg.output_dir, JOURNAL_NAME))
+        store = CheckpointStore(None, os.path.join(cfg.output_dir, CHECKPOINT_DIR))
+        if store.steps() and not journal.has_steps:
+            raise JournalError(f"--output_dir {cfg.output_dir} holds checkpoints but no record of their privacy in "
+                               f"{JOURNAL_NAME}, so the privacy already spent is unknown; use another folder")
+    except BaseException:
+        os.close(lock)
+        raise
+    return RunFolder(journal, store, changes, lock)
 
 
 def finished_run(cfg, journal, latest_export):
