@@ -277,7 +277,9 @@ def _check_contradictions(f):
     once the epsilon of that noise is known: the run refuses if it misses the target.)"""
     if _given(f, "dp") and not f.dp and _given(f, "noise_multiplier"):
         raise ConfigError("--dp=false trains without noise, which contradicts --noise_multiplier; drop one of them")
-    if _given(f, "wrn_weight_standardization") and f.architecture != "wrn16_4":
+    # Only the value that would change something is refused: true (the default) is what a run's config.json holds
+    # for every architecture, and replaying those flags must work.
+    if _given(f, "wrn_weight_standardization") and not f.wrn_weight_standardization and f.architecture != "wrn16_4":
         raise ConfigError("--wrn_weight_standardization applies only to --architecture=wrn16_4")
 
 
