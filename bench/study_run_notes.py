@@ -32,6 +32,13 @@ SHARED_CPU = {
                                "(views/s and wall time understate its speed alone, slightly)",
     "tan_eq_d4d2_eps8_b64": "shared the two cores with about a minute of low-priority (nice 19) tests in its 27th "
                             "minute (views/s and wall time understate its speed alone, slightly)",
+    "tan_wrn16_4_ws_tan_b128": "shared the two cores with low-priority tests for most of its first session, and "
+                               "the DP engine changed under it twice (resumed at step 541 with the written-out "
+                               "standardisation Jacobian, at step 1404 with the standardised ghost norms), so views/s "
+                               "and wall time understate its speed alone and mix three engines (the updates are the "
+                               "same to float rounding). At step 1404 a second process was started on its folder by "
+                               "mistake for ~20 s, took no step and left a torn line in the privacy journal, removed "
+                               "by hand; train.py now refuses a second process on a run folder",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
