@@ -19,34 +19,20 @@ import tensorflow as tf
 
 from layers import groups as groups_lib
 from layers import kernels
+from layers.kernel_conv import BuiltKernelConv2D, padding_mode, positive_int
 
 
 def _normalize_kernel_size(kernel_size):
-    if isinstance(kernel_size, (tuple, list)):
-        if len(kernel_size) != 2 or kernel_size[0] != kernel_size[1]:
-            raise ValueError(f"kernel_size must be an int or a square (k, k) pair, got {kernel_size!r}")
-        kernel_size = kernel_size[0]
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, (int, np.integer)) or kernel_size < 1:
-        raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
+    kernel_size = positive_int("kernel_size", kernel_size)
     if kernel_size % 2 == 0:
         raise ValueError(
             f"kernel_size must be odd, got {kernel_size}: an even filter has no centre pixel, so rotating "
             "it about the grid moves it off the pixel lattice"
         )
-    return int(kernel_size)
+    return kernel_size
 
 
-def _normalize_positive_int(name, value):
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"{name} must be an int or an equal (s, s) pair, got {value!r}")
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-class _GroupConvBase(tf.keras.layers.Layer):
+class _GroupConvBase(BuiltKernelConv2D):
     """Argument handling, padding rules and the conv shared by lifting and group-to-group convs."""
 
     def __init__(
@@ -67,11 +53,8 @@ class _GroupConvBase(tf.keras.layers.Layer):
         self.filters = int(filters)
         self.kernel_size = _normalize_kernel_size(kernel_size)
         self.group = groups_lib.get(group)
-        self.strides = _normalize_positive_int("strides", strides)
-        padding = str(padding).lower()
-        if padding not in ("same", "valid"):
-            raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
-        self.padding = padding
+        self.strides = positive_int("strides", strides)
+        self.padding = padding_mode(padding)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)
         self.bias_initializer = tf.keras.initializers.get(bias_initializer)
@@ -149,49 +132,9 @@ class _GroupConvBase(tf.keras.layers.Layer):
             return None
         return tf.repeat(tf.cast(self.bias, self.compute_dtype), self.group.order)
 
-    def call(self, inputs):
-        # TF's 'SAME' pads (k-1)/2 on each side for an odd kernel at stride 1, and for the strided
-        # grids _check_strides admits; explicit paddings would be equivalent but break the
-        # Conv2DBackpropFilter fallback inside tf.vectorized_map.
-        outputs = tf.nn.conv2d(inputs, self.expanded_kernel(), strides=self.strides, padding=self.padding.upper())
-        if self.bias is not None:
-            outputs = tf.nn.bias_add(outputs, self.expanded_bias())
-        return outputs
-
-    def compute_output_shape(self, input_shape):
-        input_shape = tf.TensorShape(input_shape)
-        out = []
-        for size in input_shape[1:3]:
-            if size is None:
-                out.append(None)
-                continue
-            size = int(size) if self.padding == "same" else int(size) - self.kernel_size + 1
-            out.append((size - 1) // self.strides + 1)
-        return tf.TensorShape([input_shape[0], out[0], out[1], self.filters * self.group.order])
-
-    def to_conv2d(self, name=None):
-        """An ordinary built ``tf.keras.layers.Conv2D`` computing exactly this layer (for serving).
-
-        For stride 1 'same' and for the symmetric strided grids this layer accepts, Keras' 'same'
-        padding is symmetric, so the outputs match.
-        """
-        if not self.built:
-            raise ValueError(f"{self.name}: build the layer (call it once) before freezing it")
-        conv = tf.keras.layers.Conv2D(
-            self.filters * self.group.order,
-            self.kernel_size,
-            strides=self.strides,
-            padding=self.padding,
-            use_bias=self.use_bias,
-            name=name or self.name,
-            dtype=self.dtype_policy,
-        )
-        conv.build(tf.TensorShape([None, None, None, self.input_spec.axes[-1]]))
-        weights = [self.expanded_kernel().numpy()]
-        if self.use_bias:
-            weights.append(self.expanded_bias().numpy())
-        conv.set_weights(weights)
-        return conv
+    @property
+    def output_channels(self):
+        return self.filters * self.group.order
 
     def get_config(self):
         config = super().get_config()

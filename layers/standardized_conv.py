@@ -18,19 +18,11 @@ freezes the layer into the ordinary ``Conv2D`` it computes.
 import numpy as np
 import tensorflow as tf
 
-
-def _positive_int(name, value):
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"{name} must be an int or an equal (n, n) pair, got {value!r}")
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+from layers.kernel_conv import BuiltKernelConv2D, padding_mode, positive_int
 
 
 @tf.keras.utils.register_keras_serializable(package="eqdp")
-class StandardizedConv2D(tf.keras.layers.Layer):
+class StandardizedConv2D(BuiltKernelConv2D):
     """``Conv2D`` with scaled weight standardisation, a learnable gain per filter (init 1) and a bias (init 0).
 
     ``epsilon`` bounds N * var(w) from below (De et al.: 1e-4), so that a filter whose weights all became equal
@@ -41,13 +33,10 @@ class StandardizedConv2D(tf.keras.layers.Layer):
     def __init__(self, filters, kernel_size, strides=1, padding="same", use_bias=True, use_gain=True,
                  epsilon=1e-4, kernel_initializer=None, **kwargs):
         super().__init__(**kwargs)
-        self.filters = _positive_int("filters", filters)
-        self.kernel_size = _positive_int("kernel_size", kernel_size)
-        self.strides = _positive_int("strides", strides)
-        padding = str(padding).lower()
-        if padding not in ("same", "valid"):
-            raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
-        self.padding = padding
+        self.filters = positive_int("filters", filters)
+        self.kernel_size = positive_int("kernel_size", kernel_size)
+        self.strides = positive_int("strides", strides)
+        self.padding = padding_mode(padding)
         self.use_bias = bool(use_bias)
         self.use_gain = bool(use_gain)
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
@@ -118,35 +107,9 @@ class StandardizedConv2D(tf.keras.layers.Layer):
         """The bias as the convolution adds it (or None)."""
         return None if self.bias is None else tf.cast(self.bias, self.compute_dtype)
 
-    def call(self, inputs):
-        outputs = tf.nn.conv2d(inputs, self.expanded_kernel(), strides=self.strides, padding=self.padding.upper())
-        if self.bias is not None:
-            outputs = tf.nn.bias_add(outputs, self.expanded_bias())
-        return outputs
-
-    def compute_output_shape(self, input_shape):
-        input_shape = tf.TensorShape(input_shape)
-        out = []
-        for size in input_shape[1:3]:
-            if size is None:
-                out.append(None)
-                continue
-            size = int(size) if self.padding == "same" else int(size) - self.kernel_size + 1
-            out.append((size - 1) // self.strides + 1)
-        return tf.TensorShape([input_shape[0], out[0], out[1], self.filters])
-
-    def to_conv2d(self, name=None):
-        """An ordinary built ``tf.keras.layers.Conv2D`` with the standardised kernel frozen in (for serving)."""
-        if not self.built:
-            raise ValueError(f"{self.name}: build the layer (call it once) before freezing it")
-        conv = tf.keras.layers.Conv2D(self.filters, self.kernel_size, strides=self.strides, padding=self.padding,
-                                      use_bias=self.use_bias, name=name or self.name, dtype=self.dtype_policy)
-        conv.build(tf.TensorShape([None, None, None, self.input_spec.axes[-1]]))
-        weights = [self.expanded_kernel().numpy()]
-        if self.use_bias:
-            weights.append(self.expanded_bias().numpy())
-        conv.set_weights(weights)
-        return conv
+    @property
+    def output_channels(self):
+        return self.filters
 
     def get_config(self):
         config = super().get_config()
