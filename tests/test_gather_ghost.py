@@ -6,8 +6,8 @@ import zlib
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_privacy
 from tensorflow_privacy.privacy.fast_gradient_clipping import clip_grads
+from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPModel
 
 import eqdp_tf
 import layers
@@ -204,9 +204,9 @@ def test_dp_model_with_the_registry_equals_its_stock_path_where_the_gather_route
     updates = {}
     for fast in (True, False):
         base = _low_resolution_model()
-        model = tensorflow_privacy.DPModel(l2_norm_clip=0.05, noise_multiplier=0.0, use_xla=False,
-                                           layer_registry=eqdp_tf.layer_registry() if fast else None,
-                                           inputs=base.inputs, outputs=base.outputs)
+        model = DPModel(l2_norm_clip=0.05, noise_multiplier=0.0, use_xla=False,
+                        layer_registry=eqdp_tf.layer_registry() if fast else None,
+                        inputs=base.inputs, outputs=base.outputs)
         model.compile(optimizer=tf.keras.optimizers.SGD(1.0),
                       loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         before = [w.copy() for w in model.get_weights()]
