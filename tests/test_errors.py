@@ -110,7 +110,10 @@ CASES = {
 _FULL_DISK = textwrap.dedent(
     """
     import resource, runpy, signal, sys
-    from eqdp_tf import export
+    from eqdp_tf.native_log import native_log_level
+
+    with native_log_level():  # as train.py imports TensorFlow: its C++ start-up notes would add lines to stderr
+        from eqdp_tf import export
 
     original = export.export_saved_model
 

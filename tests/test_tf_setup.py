@@ -100,9 +100,9 @@ def test_keras_3_without_tf_keras_names_the_package_to_install():
     ("1", ["E0000 00:00:1796474821.886123    8509 cuda_dnn.cc:8310] Unable to register cuDNN factory",
            "F0000 00:00:1796474821.886123    8509 x.cc:1] fatal", "a line of Python", "after"]),
 ])
-def test_train_py_applies_the_log_level_to_what_tensorflow_logs_from_cpp_while_it_loads(level, kept):
+def test_the_log_level_applies_to_what_tensorflow_logs_from_cpp_while_it_loads(level, kept):
     """TensorFlow 2.18+ writes oneDNN and CUDA notes straight to stderr at import, whatever TF_CPP_MIN_LOG_LEVEL
-    says; train.py's one-line errors would come with four more lines (TF 2.21 on a CPU)."""
+    says; train.py's one-line errors would come with four more lines (TF 2.21 on a CPU). eqdp_tf/native_log.py."""
     written = [
         "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
         "I0000 00:00:1796479748.189322   18565 port.cc:153] oneDNN custom operations are on.",
@@ -110,7 +110,7 @@ def test_train_py_applies_the_log_level_to_what_tensorflow_logs_from_cpp_while_i
         "F0000 00:00:1796474821.886123    8509 x.cc:1] fatal",
         "a line of Python",
     ]
-    code = ("import os, sys\nimport train\nwith train._native_log_level():\n"
+    code = ("import os\nfrom eqdp_tf.native_log import native_log_level\nwith native_log_level():\n"
             + "".join(f"    os.write(2, {line!r}.encode() + b'\\n')\n" for line in written)
             + "os.write(2, b'after\\n')\n")
     env = dict(subprocess_env(), TF_CPP_MIN_LOG_LEVEL=level)
