@@ -224,6 +224,13 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
     ``model_fn()`` replaces the configured architecture (e.g. ``small_model``). ``broken=True`` trains without
     noise and without clipping, but the accountant's epsilon is still that of the configured settings.
     """
+    # The arguments first: a bad one is refused before TensorFlow loads (and logs).
+    if not cfg.dp:
+        raise ConfigError("the audit checks a DP configuration; --dp=false claims no guarantee to audit")
+    if isinstance(num_canaries, bool) or not isinstance(num_canaries, int) or num_canaries < 10:
+        raise ConfigError(f"--audit_canaries must be a whole number >= 10, got {num_canaries!r}")
+    if not canary_scale >= 1:
+        raise ConfigError(f"canary_scale must be >= 1 (the canary's gradient norm in units of C), got {canary_scale}")
     import tensorflow as tf
 
     from eqdp_tf import data as data_lib
@@ -232,12 +239,6 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
     from eqdp_tf.training import loop
     from eqdp_tf.training import plan as plan_lib
 
-    if not cfg.dp:
-        raise ConfigError("the audit checks a DP configuration; --dp=false claims no guarantee to audit")
-    if isinstance(num_canaries, bool) or not isinstance(num_canaries, int) or num_canaries < 10:
-        raise ConfigError(f"--audit_canaries must be a whole number >= 10, got {num_canaries!r}")
-    if not canary_scale >= 1:
-        raise ConfigError(f"canary_scale must be >= 1 (the canary's gradient norm in units of C), got {canary_scale}")
     tf.keras.utils.set_random_seed(cfg.seed)
     rng = np.random.default_rng([seed, 0xA0D1])
     train_images, train_labels, _, _ = loop.load_data(cfg)
@@ -299,6 +300,7 @@ def main(argv):
 
     from eqdp_tf import config
     from eqdp_tf.errors import UserError
+    from eqdp_tf.native_log import native_log_level
 
     if len(argv) > 1:
         print(f"error: unexpected arguments {' '.join(argv[1:])} (flags look like --name=value)", file=sys.stderr)
@@ -307,8 +309,11 @@ def main(argv):
     f = flags.FLAGS
     try:
         cfg = config.config_from_flags()
-        result = run_audit(cfg, f.audit_canaries, f.audit_confidence, f.audit_break,
-                           small_model if f.audit_model == "small" else None, seed=f.audit_seed, verbose=True)
+        # TensorFlow 2.18+ logs from C++ while it loads and first finds its devices, whatever TF_CPP_MIN_LOG_LEVEL
+        # says: filtered here so that an error stays one line (lines at or above the level pass).
+        with native_log_level():
+            result = run_audit(cfg, f.audit_canaries, f.audit_confidence, f.audit_break,
+                               small_model if f.audit_model == "small" else None, seed=f.audit_seed, verbose=True)
         if f.audit_json:
             try:
                 with open(f.audit_json, "w") as out:
