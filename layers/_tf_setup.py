@@ -12,7 +12,8 @@ the project needs:
   names its package would re-export (``tensorflow_privacy.DPModel`` ...) are then not there: import them from
   their submodules.
 
-TensorFlow 2.15 needs neither: nothing is changed there. Which side an installation is on is read from the
+TensorFlow 2.15 needs neither; there, tf-keras (installed beside every TensorFlow) is kept out of the process
+instead, see :func:`_keep_out_a_second_keras_2`. Which side an installation is on is read from the
 installed Keras without importing anything: TensorFlow 2.16+ requires ``keras>=3``, TensorFlow 2.15 ``keras`` 2.15.
 
 When TensorFlow was imported before this module (``import tensorflow`` then ``import eqdp_tf``), ``tf.keras`` is
@@ -55,10 +56,29 @@ def _tf_keras_requirement():
     return "the tf-keras release of your TensorFlow's version"
 
 
+def _keep_out_a_second_keras_2():
+    """On TensorFlow 2.15, stops ``tf_keras`` (a second copy of Keras 2.15) from being imported beside ``keras``.
+
+    The install puts tf-keras beside every TensorFlow (2.16+ needs it), so it is there on 2.15 too, where tf.keras is
+    ``keras`` 2.15. Imported into the same process, tf_keras takes over the names Keras resolves its classes by, and
+    from then on ``tf.keras.models.load_model`` of a Keras-format model loops forever (its ``InputLayer`` is
+    tf_keras', which Keras' functional loader does not recognise). TensorFlow 2.15's own ``tf.saved_model.load``
+    imports tf_keras whenever it finds a legacy optimizer (OptimizerV2, as TF-Privacy's DP optimizers are) in the
+    SavedModel. Marking it absent makes those imports fail as
+    if it were not installed, which TensorFlow handles (it falls back to ``keras``).
+    """
+    if (importlib.util.find_spec("tf_keras") is not None
+            and os.environ.get("TF_USE_LEGACY_KERAS") not in _LEGACY_KERAS_VALUES):  # set: tf.keras *is* tf_keras
+        sys.modules.setdefault("tf_keras", None)  # a no-op when the user has imported it already
+
+
 def _arrange():
     keras_major = _major(_installed_version("keras"))
-    if keras_major is None or keras_major < 3:
-        return  # TensorFlow 2.15 (Keras 2.15) or no Keras installed at all: nothing to arrange.
+    if keras_major is not None and keras_major < 3:
+        _keep_out_a_second_keras_2()  # TensorFlow 2.15 (Keras 2.15): nothing else to arrange.
+        return
+    if keras_major is None:
+        return  # no Keras installed at all: TensorFlow's import will say so.
     if importlib.util.find_spec("tf_keras") is None:
         raise KerasVersionError(
             f"tf.keras would be Keras 3 (Keras {_installed_version('keras')} is installed, tf-keras is not); layers "
