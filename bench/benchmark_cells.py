@@ -42,6 +42,7 @@ LEARNING_RATE = 0.01
 
 def _quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import layers  # noqa: F401  first: Keras 2 as tf.keras on TensorFlow 2.16+ (layers/_tf_setup.py)
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
@@ -104,7 +105,7 @@ def _make_step(tf, spec, model, views, labels, mask):
 
         return run, [acc.dtype.name for acc in step.accumulators]
 
-    from tensorflow_privacy import VectorizedDPKerasSGDOptimizer
+    from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import VectorizedDPKerasSGDOptimizer
 
     optimizer = VectorizedDPKerasSGDOptimizer(
         l2_norm_clip=L2_NORM_CLIP, noise_multiplier=NOISE_MULTIPLIER,
@@ -189,11 +190,11 @@ _TF_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 def _child_calibrate(spec):
     """Peak matmul rate(s), the models' MACs per view, and the software versions."""
     tf = _quiet_tensorflow()
-    import tensorflow_privacy
+    from importlib import metadata
 
     versions = {
         "tf_version": tf.__version__,
-        "tfp_version": getattr(tensorflow_privacy, "__version__", "unknown"),
+        "tfp_version": metadata.version("tensorflow-privacy"),
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
     }
     peak = {}

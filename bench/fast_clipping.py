@@ -50,7 +50,7 @@ def _cell(spec):
     sys.path.insert(0, REPO_ROOT)
     import numpy as np
     import tensorflow as tf
-    import tensorflow_privacy
+    from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPModel
 
     import eqdp_tf
 
@@ -62,7 +62,7 @@ def _cell(spec):
     if path == "nonprivate":
         model = base
     elif path in ("tfp_stock", "tfp_registry"):
-        model = tensorflow_privacy.DPModel(
+        model = DPModel(
             l2_norm_clip=1.0, noise_multiplier=1.0, use_xla=False, inputs=base.inputs, outputs=base.outputs,
             layer_registry=eqdp_tf.layer_registry() if path == "tfp_registry" else None)
         if path == "tfp_registry" and not model._enable_fast_peg_computation:  # pylint: disable=protected-access
