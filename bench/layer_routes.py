@@ -72,6 +72,17 @@ def _batched_weight_gradient(layer, x, dz):
     return [tape.gradient(expanded, layer.kernel, output_gradients=tf.reshape(kernel, tf.shape(expanded)))]
 
 
+def _gram_gigabytes(layer, x, batch):
+    """About what the ghost route's Gram matrices hold at once: per example one over the padded input's positions
+    (squared), |G| of them for a group conv's gather route. At 32x32 with |G| = 8 that is tens of GB, where the
+    route could never pay anyway (``ghost_pays`` is far from choosing it); timing it there only ends in the OOM killer.
+    """
+    k = per_example.conv_geometry(layer)[0] if per_example.conv_rule_applies(layer) else 1
+    positions = (x.shape[1] + k - 1) * (x.shape[2] + k - 1) if len(x.shape) == 4 else 1
+    copies = layer.group.order if hasattr(layer, "group") else 1
+    return 2 * batch * copies * positions ** 2 * 4 / 1e9
+
+
 def _timed(fn, args):
     return 1e3 * harness.median_seconds(tf.function(fn), args.warmup, args.steps)
 
@@ -92,6 +103,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--ghost-memory-gb", type=float, default=4.0,
+                        help="leave the ghost route untimed where its Gram matrices would hold more than this")
     args = parser.parse_args(argv)
     tf.keras.utils.set_random_seed(0)
     tf.get_logger().setLevel("ERROR")  # one tf.function per layer and route is the point here, not a retracing bug
@@ -107,7 +120,11 @@ def main(argv=None):
             materialise = _timed(_route_fn(clipped_sum.materialise_route, layer, x, dz, args.batch), args)
             ghost_cells = ["–"] * 5
             cost = clipped_sum.route_cost(layer, x, dz, 1)
-            if cost is not None:
+            gram_gb = _gram_gigabytes(layer, x, args.batch)
+            if cost is not None and gram_gb > args.ghost_memory_gb:
+                ghost_cells = [f"not timed (Gram matrices ~{gram_gb:.0f} GB)", "–", f"{cost[1] / cost[2]:.1f}",
+                               str(clipped_sum.ghost_pays(layer, x, dz, 1)), cost[0]]
+            elif cost is not None:
                 route = clipped_sum._route("ghost", layer, x, dz, 1)  # pylint: disable=protected-access
                 ghost = _timed(_route_fn(route, layer, x, dz, args.batch), args)
                 ghost_cells = [f"{ghost:.1f}", f"{ghost / materialise:.2f}", f"{cost[1] / cost[2]:.1f}",
