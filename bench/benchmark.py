@@ -163,6 +163,9 @@ def parse_args(argv):
     parser.add_argument("--report-from", dest="report_from", default=None,
                         help="rebuild the report from a --json file of an earlier run (measures nothing)")
     parser.add_argument("--json", default=None, help="also save the raw results here")
+    parser.add_argument("--registry-from", dest="registry_from", default=None,
+                        help="a `bench/fast_clipping.py --json` file: its table becomes the report's section on "
+                             "TF-Privacy's DPModel with our layer registry (measured apart: a process per path)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_limit_gb is not None and args.memory_limit_gb <= 0:
@@ -318,7 +321,8 @@ def _report_from(args):
         saved = json.load(f)
     if "started" not in saved:
         sys.exit(f"error: {args.report_from} has no 'started'/'wall_s' (written by an older version); rerun the grid")
-    measured = argparse.Namespace(**{**saved["args"], "write": args.write, "out": args.out})
+    measured = argparse.Namespace(**{**saved["args"], "write": args.write, "out": args.out,
+                                     "registry_from": args.registry_from or saved["args"].get("registry_from")})
     _emit(args, render(measured, saved["machine"], saved["calibration"], saved["pipeline"], saved["cells"],
                        saved["started"], saved["wall_s"], saved.get("command"),
                        rebuilt_by=f"python bench/benchmark.py --report-from {args.report_from}"))

@@ -58,3 +58,16 @@ def test_multiply_adds_count_every_convolution_the_weight_standardised_ones_too(
     standardised = cells.count_macs(tf, build_model(architecture="wrn16_4", weight_standardization=True))
     # the same convolutions (standardising a kernel costs nothing per view): stem 32*32*27*16 alone is 442,368
     assert standardised == plain > 32 * 32 * 27 * 16
+
+
+def test_benchmark_report_carries_the_registry_table_and_judges_its_target(tmp_path):
+    docs = os.path.join(os.path.dirname(BENCH), "docs", "benchmarks")
+    registry = os.path.join(docs, "fast_clipping_2026-11-30.json")
+    out = tmp_path / "BENCHMARKS.md"
+    assert _load("benchmark").main(["--report-from", os.path.join(docs, "full_grid_2026-12-01.json"),
+                                    "--registry-from", registry, "--write", "--out", str(out)]) == 0
+    section = out.read_text().split("## TF-Privacy's DPModel with our layer registry")[1].split("\n## ")[0]
+    # that run's eq_d4d2 cells: stock 0.633 s, registry 1.269 s per step -> 0.50x, a miss
+    verdicts = [line for line in section.splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0] for line in verdicts] == ["- keras_cnn", "- cnn_c1", "- eq_d4d2"]
+    assert "- eq_d4d2: registry 0.50x stock" in section and "| eq_d4d2 | 287,413 |" in section
