@@ -13,12 +13,15 @@ _CHILD_START = time.perf_counter()
 MODELS = {
     "eq_resnet9_d4d2": {"architecture": "eq_resnet9", "group": "D4", "restrict": "D2"},
     "eq_resnet9_c1": {"architecture": "eq_resnet9", "group": "C1", "restrict": None},
-    "wrn16_4": {"architecture": "wrn16_4"},
+    "wrn16_4": {"architecture": "wrn16_4"},  # weight-standardised, its default since issue 26
+    # Without weight standardisation: the WRN-16-4 of grids before 2026-12-05, for comparing engines on one model.
+    "wrn16_4_plain": {"architecture": "wrn16_4", "weight_standardization": False},
 }
 MODEL_LABELS = {
     "eq_resnet9_d4d2": "Eq. ResNet-9 (D4->D2)",
     "eq_resnet9_c1": "ResNet-9 (C1)",
     "wrn16_4": "WRN-16-4",
+    "wrn16_4_plain": "WRN-16-4 (no WS)",
 }
 # dp_materialise: our DP step with every layer's per-example gradients materialised (the engine before ghost
 # norms), so a grid can compare both in one run.
