@@ -69,8 +69,8 @@ import sys
 import time
 
 import harness  # bench/harness.py: the child-process protocol shared by the bench scripts
-from benchmark_cells import (BF16_MODES, CHILDREN, CIFAR_DIR, DEFAULT_BATCHES, DEFAULT_MODES, MODELS, MODES,
-                             PRECISIONS, REPO_ROOT, XLA_CHOICES, series_key)
+from benchmark_cells import (BF16_MODES, CHILDREN, CIFAR_DIR, DEFAULT_BATCHES, DEFAULT_MODELS, DEFAULT_MODES, MODELS,
+                             MODES, PRECISIONS, REPO_ROOT, XLA_CHOICES, series_key)
 from benchmark_report import cell_text, render
 from machine import machine_info
 
@@ -125,8 +125,8 @@ def parse_args(argv):
         description="Training-step throughput and peak memory: non-private vs our DP-SGD vs stock TF-Privacy.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--models", default=",".join(m for m in MODELS if m != "wrn16_4_plain"),
-                        help=f"comma-separated subset of {','.join(MODELS)} (the last on request only)",
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"comma-separated subset of {','.join(MODELS)}",
                         type=lambda s: _csv(s, tuple(MODELS), name="--models"))
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
                         help=f"comma-separated subset of {','.join(MODES)}",

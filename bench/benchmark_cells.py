@@ -17,6 +17,7 @@ MODELS = {
     # Without weight standardisation: the WRN-16-4 of grids before 2026-12-05, for comparing engines on one model.
     "wrn16_4_plain": {"architecture": "wrn16_4", "weight_standardization": False},
 }
+DEFAULT_MODELS = ("eq_resnet9_d4d2", "eq_resnet9_c1", "wrn16_4")  # the grid's; wrn16_4_plain on request
 MODEL_LABELS = {
     "eq_resnet9_d4d2": "Eq. ResNet-9 (D4->D2)",
     "eq_resnet9_c1": "ResNet-9 (C1)",

@@ -64,8 +64,8 @@ def _keep_out_a_second_keras_2():
     from then on ``tf.keras.models.load_model`` of a Keras-format model loops forever (its ``InputLayer`` is
     tf_keras', which Keras' functional loader does not recognise). TensorFlow 2.15's own ``tf.saved_model.load``
     imports tf_keras whenever it finds a legacy optimizer (OptimizerV2, as TF-Privacy's DP optimizers are) in the
-    SavedModel. Marking it absent makes those imports fail as
-    if it were not installed, which TensorFlow handles (it falls back to ``keras``).
+    SavedModel. Marking it absent makes those imports fail as if it were not installed, which TensorFlow handles
+    (it falls back to ``keras``).
     """
     if (importlib.util.find_spec("tf_keras") is not None
             and os.environ.get("TF_USE_LEGACY_KERAS") not in _LEGACY_KERAS_VALUES):  # set: tf.keras *is* tf_keras
@@ -74,11 +74,11 @@ def _keep_out_a_second_keras_2():
 
 def _arrange():
     keras_major = _major(_installed_version("keras"))
-    if keras_major is not None and keras_major < 3:
-        _keep_out_a_second_keras_2()  # TensorFlow 2.15 (Keras 2.15): nothing else to arrange.
-        return
     if keras_major is None:
         return  # no Keras installed at all: TensorFlow's import will say so.
+    if keras_major < 3:
+        _keep_out_a_second_keras_2()  # TensorFlow 2.15 (Keras 2.15): nothing else to arrange.
+        return
     if importlib.util.find_spec("tf_keras") is None:
         raise KerasVersionError(
             f"tf.keras would be Keras 3 (Keras {_installed_version('keras')} is installed, tf-keras is not); layers "

@@ -122,9 +122,10 @@ def test_the_log_level_applies_to_what_tensorflow_logs_from_cpp_while_it_loads(l
 
 def test_loading_a_savedmodel_with_an_optimizer_leaves_keras_loading_working():
     """TensorFlow 2.15's ``tf.saved_model.load`` imports tf_keras (installed beside every TensorFlow) when the
-    SavedModel holds a legacy (OptimizerV2) optimizer, as TF-Privacy's are; a second Keras 2 in the process then made every later ``load_model`` of a
-    Keras-format model loop forever (it hung CI's TensorFlow 2.15 suite). Must finish, and reload the same outputs."""
-    result = subprocess.run([sys.executable, "-c", (
+    SavedModel holds a legacy (OptimizerV2) optimizer, as TF-Privacy's are; a second Keras 2 in the process then
+    made every later ``load_model`` of a Keras-format model loop forever (it hung CI's TensorFlow 2.15 suite).
+    Must finish, and reload the same outputs."""
+    difference, tf_keras_loaded = _ok(_run(
         "import sys, tempfile, numpy as np, layers\n"
         "import tensorflow as tf\n"
         "folder = tempfile.mkdtemp()\n"
@@ -138,8 +139,6 @@ def test_loading_a_savedmodel_with_an_optimizer_leaves_keras_loading_working():
         "model = tf.keras.Model(inputs, tf.keras.layers.Dense(3)(tf.keras.layers.Dense(5)(inputs)))\n"
         "model.save(folder + '/model.keras')\n"
         "reloaded = tf.keras.models.load_model(folder + '/model.keras')\n"
-        "print(float(np.abs(reloaded(x).numpy() - model(x).numpy()).max()), sys.modules.get('tf_keras') is not None)")],
-        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    difference, tf_keras_loaded = _ok(result)
+        "print(float(np.abs(reloaded(x).numpy() - model(x).numpy()).max()), sys.modules.get('tf_keras') is not None)"))
     assert float(difference) == 0.0
     assert tf_keras_loaded == ("True" if KERAS_MAJOR >= 3 else "False")  # on 2.15 only keras 2.15 is in the process
