@@ -39,6 +39,11 @@ SHARED_CPU = {
                                "same to float rounding). At step 1404 a second process was started on its folder by "
                                "mistake for ~20 s, took no step and left a torn line in the privacy journal, removed "
                                "by hand; train.py now refuses a second process on a run folder",
+    "tan_eq_d4d2_eps8_s1": "was stopped for 7 s in its 5th minute for a micro-benchmark and shared the two cores with "
+                           "about a minute of low-priority (nice 19) study tests (views/s and wall time understate its "
+                           "speed alone, slightly). Its first process, started the session before, was ended at step "
+                           "78 before its first checkpoint; the run restarted from step 0 and those steps, never "
+                           "released, are not counted",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".

@@ -5,7 +5,8 @@ of the models side by side on one CPU). ``study_tan_report.py`` writes them out 
   merged: mean, min-max, number of seeds, the mean accuracy curve.
 - ``comparisons``: the differences the study is about, each against the seed spread it has to exceed.
 - ``time_to_accuracy``: accuracy after 25/50/100% of the steps, multiply-adds and DP-step time per view, and the
-  CPU time each model needs at full scale to reach the fair WRN-16-4's final accuracy.
+  CPU time each model needs at full scale to reach the fair WRN-16-4's final accuracy; the same at its non-private
+  step time, which takes out how much more our DP step costs one model than another.
 """
 
 import json
@@ -133,22 +134,27 @@ def first_step_reaching(curve, target):
 
 
 def load_step_times(folder):
-    """{model: {seconds_per_view, macs_per_view, batch, cpu, started}} from the side-by-side benchmark run."""
+    """{model: {seconds_per_view, nonprivate_seconds_per_view, macs_per_view, batch, cpu, started, command}} from the
+    side-by-side benchmark run (the DP step at its largest batch; the non-private step at that batch, if measured)."""
     path = os.path.join(folder, STEP_TIMES_FILE)
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
         saved = json.load(f)
+
+    def cells(name, mode):
+        return {c["batch"]: c["step_s"] / (c["batch"] * c["views"]) for c in saved["cells"]
+                if (c["model"], c["mode"], c["status"], c["precision"], c["xla"]) == (name, mode, "ok", "fp32", "off")}
+
     times = {}
     for model, name in BENCHMARK_MODELS.items():
-        cells = [c for c in saved["cells"] if (c["model"], c["mode"], c["status"], c["precision"], c["xla"]) ==
-                 (name, "dp", "ok", "fp32", "off")]
-        if cells:
-            cell = max(cells, key=lambda c: c["batch"])
-            times[model] = {"seconds_per_view": cell["step_s"] / (cell["batch"] * cell["views"]),
+        dp, nonprivate = cells(name, "dp"), cells(name, "nonprivate")
+        if dp:
+            batch = max(dp)
+            times[model] = {"seconds_per_view": dp[batch], "nonprivate_seconds_per_view": nonprivate.get(batch),
                             "macs_per_view": saved["calibration"]["models"].get(name, {}).get("macs_per_view"),
-                            "batch": cell["batch"], "cpu": saved["machine"].get("cpu", "?"),
-                            "started": saved["started"]}
+                            "batch": batch, "cpu": saved["machine"].get("cpu", "?"), "started": saved["started"],
+                            "command": saved.get("command")}
     return times
 
 
@@ -160,16 +166,22 @@ def time_to_accuracy(configs, step_times):
     keys = [k for k in configs if k[0] in BENCHMARK_MODELS and k[1:] == (PAPER_RECIPE, 8, TAN_BATCH, 1)]
     rows = []
     for key in keys + ([fair] if fair else []):
-        c = configs[key]
-        seconds = step_times.get(key[0], {}).get("seconds_per_view")
+        c, times = configs[key], step_times.get(key[0], {})
+        seconds, plain = times.get("seconds_per_view"), times.get("nonprivate_seconds_per_view")
         views_per_step = c["simulated_batch"] * key[4]
         reach = None if target is None else first_step_reaching(c["curve"], target)
         rows.append({"key": key, "steps": c["steps"], "views_per_step": views_per_step, "reach_step": reach,
                      "accuracy": [_interpolate(c["curve"], f * c["steps"]) for f in FRACTIONS],
-                     "macs_per_view": step_times.get(key[0], {}).get("macs_per_view"), "seconds_per_view": seconds,
-                     "full_run_hours": None if seconds is None else c["steps"] * views_per_step * seconds / 3600,
-                     "reach_hours": None if None in (seconds, reach) else reach * views_per_step * seconds / 3600})
+                     "macs_per_view": times.get("macs_per_view"), "seconds_per_view": seconds,
+                     "nonprivate_seconds_per_view": plain,
+                     "full_run_hours": _cpu_hours(c["steps"], views_per_step, seconds),
+                     "reach_hours": _cpu_hours(reach, views_per_step, seconds),
+                     "reach_hours_nonprivate_step": _cpu_hours(reach, views_per_step, plain)})
     return rows, target
+
+
+def _cpu_hours(steps, views_per_step, seconds_per_view):
+    return None if None in (steps, seconds_per_view) else steps * views_per_step * seconds_per_view / 3600
 
 
 # --- the tables in markdown ----------------------------------------------------------------------------------------
@@ -210,13 +222,20 @@ def published_table(configs, rows):
 
 
 def time_table(rows, target):
-    reached = "–" if target is None else "not reached"
+    not_reached = "–" if target is None else "not reached"
+
+    def reached(hours, r):
+        return _fmt(hours, "{:.0f} h", not_reached if r["reach_step"] is None else "–")
+
     return markdown(
         ["configuration", "steps", "acc. at 25%", "at 50%", "at 100%", "multiply-adds / view", "DP step / view",
-         "full-scale views / step", "full-scale run, CPU time", "first step at the fair WRN's final accuracy" +
-         _fmt(target, " ({:.1f}%)", ""), "CPU time to reach it (full scale)"],
+         "non-private step / view", "full-scale views / step", "full-scale run, CPU time",
+         "first step at the fair WRN's final accuracy" + _fmt(target, " ({:.1f}%)", ""),
+         "CPU time to reach it (full scale)", "the same at the non-private step's cost"],
         [[label(r["key"]), r["steps"], *[_fmt(a, "{:.1f}%") for a in r["accuracy"]],
           _fmt(r["macs_per_view"] and r["macs_per_view"] / 1e6, "{:.0f}M"),
-          _fmt(r["seconds_per_view"] and 1e3 * r["seconds_per_view"], "{:.1f} ms"), f"{r['views_per_step']:,}",
-          _fmt(r["full_run_hours"], "{:.0f} h"), _fmt(r["reach_step"], "{:.0f}", reached),
-          _fmt(r["reach_hours"], "{:.0f} h", reached if r["reach_step"] is None else "–")] for r in rows])
+          _fmt(r["seconds_per_view"] and 1e3 * r["seconds_per_view"], "{:.1f} ms"),
+          _fmt(r["nonprivate_seconds_per_view"] and 1e3 * r["nonprivate_seconds_per_view"], "{:.1f} ms"),
+          f"{r['views_per_step']:,}", _fmt(r["full_run_hours"], "{:.0f} h"),
+          _fmt(r["reach_step"], "{:.0f}", not_reached), reached(r["reach_hours"], r),
+          reached(r["reach_hours_nonprivate_step"], r)] for r in rows])
