@@ -46,7 +46,8 @@ def summarise_tan(name, record):
 def _verdict(c):
     if c["beyond"] is None:
         return "one seed each, so chance cannot be told apart"
-    return f"{'beyond' if c['beyond'] else 'within'} the seed spread of {c['spread']:.1f}"
+    return (f"{'beyond' if c['beyond'] else 'within'} the seed spread of {c['spread']:.1f}"
+            + (", seen on one side's seeds only" if c["one_sided"] else ""))
 
 
 def _lead(c, other):
@@ -163,7 +164,7 @@ def build(records, step_times):
         "**Per configuration** (seeds merged; test accuracy of the EMA weights on the full test set):",
         tables.configurations_table(configs),
         "**The comparisons** (a margin is beyond chance here only if it exceeds the larger seed spread of its two "
-        "sides):",
+        "sides; a spread seen on one side only, the other having one seed, is marked and is a weaker check):",
         tables.comparisons_table(comps),
         *([tables.published_table(configs, published_rows)] if published_rows else []),
         "**Accuracy against compute** (accuracy at 25% interpolated between evaluations; full scale = the steps at "

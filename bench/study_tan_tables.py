@@ -92,7 +92,8 @@ def _wanted(fair_wrn):
 
 def comparisons(configs):
     """A - B in points for each wanted pair whose runs exist; the spread is the larger min-max of a side with more
-    than one seed, and the margin is beyond chance only if it exceeds that."""
+    than one seed, and the margin is beyond chance only if it exceeds that. A spread seen on one side only (the
+    other has one seed) is flagged: it says less about chance than one seen on both."""
     rows = []
     for what, subject, a, b in _wanted(fair_wrn_key(configs)):
         if a in configs and b in configs:
@@ -101,7 +102,8 @@ def comparisons(configs):
             spread = round(max(ranges), 1) if ranges else None
             delta = _points(sides[0]["mean"], sides[1]["mean"])
             rows.append({"what": what, "subject": subject, "a": sides[0], "b": sides[1], "delta": delta,
-                         "spread": spread, "beyond": None if spread is None else abs(delta) > spread})
+                         "spread": spread, "beyond": None if spread is None else abs(delta) > spread,
+                         "one_sided": len(ranges) == 1})
     return rows
 
 
@@ -209,7 +211,8 @@ def comparisons_table(rows):
     return markdown(["comparison (A vs B)", "A: mean (seeds)", "B: mean (seeds)", "A − B (points)",
                      "seed spread (largest min–max)", "beyond the spread?"],
                     [[r["what"], f"{r['a']['mean']:.1f}% ({r['a']['n']})", f"{r['b']['mean']:.1f}% ({r['b']['n']})",
-                      f"{r['delta']:+.1f}", _fmt(r["spread"], "{:.1f}", "one seed each"),
+                      f"{r['delta']:+.1f}",
+                      _fmt(r["spread"], "{:.1f}", "one seed each") + (" (one side's seeds)" if r["one_sided"] else ""),
                       "–" if r["beyond"] is None else ("yes" if r["beyond"] else "no")] for r in rows])
 
 
