@@ -44,6 +44,12 @@ SHARED_CPU = {
                            "speed alone, slightly). Its first process, started the session before, was ended at step "
                            "78 before its first checkpoint; the run restarted from step 0 and those steps, never "
                            "released, are not counted",
+    "tan_eq_d4d2_eps8_s2": "shared the two cores with about a minute of low-priority (nice 19) report rebuilds, "
+                           "study tests and git in its first 4 minutes, and again in the first 3 minutes after it "
+                           "resumed (views/s and wall time understate its speed alone, slightly). Its first process "
+                           "was ended at step 746 by the end of a session; it resumed from its checkpoint at step 648 "
+                           "on the same machine, and steps 649-746, never released, were taken again and are not "
+                           "counted",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
