@@ -50,6 +50,11 @@ SHARED_CPU = {
                            "was ended at step 746 by the end of a session; it resumed from its checkpoint at step 648 "
                            "on the same machine, and steps 649-746, never released, were taken again and are not "
                            "counted",
+    "tan_eq_d4d2_eps1_s1": "shared the two cores with about a minute of low-priority (nice 19) report rebuilds, "
+                           "study tests and git in its first 4 minutes (views/s and wall time understate its speed "
+                           "alone, slightly). Its first process was ended at step 1499 by the end of a session; it "
+                           "resumed from its checkpoint at step 1404 on the same machine, and steps 1405-1499, never "
+                           "released, were taken again and are not counted",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
