@@ -55,6 +55,9 @@ SHARED_CPU = {
                            "alone, slightly). Its first process was ended at step 1499 by the end of a session; it "
                            "resumed from its checkpoint at step 1404 on the same machine, and steps 1405-1499, never "
                            "released, were taken again and are not counted",
+    "tan_eq_d4d2_eps1_s2": "shared the two cores with about a minute of low-priority (nice 19) report rebuild, study "
+                           "tests and a duplicate-code check in its first 14 minutes (views/s and wall time understate "
+                           "its speed alone, slightly)",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
