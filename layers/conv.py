@@ -12,6 +12,16 @@ orientations (new[g] = old[h^-1 g]).
 are interpolated) and runs a single ``tf.nn.conv2d``, so the conv itself is the cost, and the layer
 traces cleanly inside ``tf.vectorized_map`` and XLA. The expanded kernel is a local, never cached
 on the layer: a cache would go stale under the optimizer and is unsafe under tracing.
+
+Where the base kernel comes from (``basis``):
+- ``'dense'``: the trainable weights are the base kernel's k*k taps themselves.
+- ``'steerable'``: the official code's escnn basis (``layers.steerable``): the trainable weights are coefficients
+  of a fixed band-limited basis, 8 per input orientation for k = 3 instead of 9, and the base kernel is the basis
+  matrix times them.
+``weight_standardization=True`` (the official code's fork of escnn) replaces the layer's whole trainable vector by
+``(w - mean(w)) / (std(w) + 1e-5)`` (one mean and one population std per layer, no gain) before the basis, in
+training and evaluation alike. ``bias_scale`` multiplies the per-field bias as it is added to every orientation
+(the official: 1/sqrt(|G|), escnn's change of basis of the regular representation).
 """
 
 import numpy as np
@@ -19,7 +29,31 @@ import tensorflow as tf
 
 from layers import groups as groups_lib
 from layers import kernels
+from layers import steerable
 from layers.kernel_conv import BuiltKernelConv2D, padding_mode, positive_int
+
+BASES = ("dense", "steerable")
+# The fork's standardisation: (w - mean) / (std + 1e-5), std the population standard deviation.
+STANDARDIZATION_EPSILON = 1e-5
+
+
+def standardize_layer(weights):
+    """``weights`` as the official code's escnn fork standardises a layer's coefficient vector (module doc)."""
+    mean, variance = tf.nn.moments(tf.reshape(weights, [-1]), axes=[0])
+    return (weights - mean) / (tf.sqrt(variance) + STANDARDIZATION_EPSILON)
+
+
+class _SteerableInitializer(tf.keras.initializers.Initializer):
+    """escnn's generalised He initialisation of steerable coefficients ``[D, in, F]``: normal with a standard
+    deviation per basis element (``steerable.he_init_std``). Built by the layer, never serialised (the layer's
+    config says ``kernel_initializer=None``, which rebuilds it)."""
+
+    def __init__(self, std):
+        self.std = np.asarray(std, np.float32)
+
+    def __call__(self, shape, dtype=None, **kwargs):
+        std = tf.reshape(tf.constant(self.std), [-1] + [1] * (len(shape) - 1))
+        return tf.random.normal(shape, dtype=dtype or tf.float32) * tf.cast(std, dtype or tf.float32)
 
 
 def _normalize_kernel_size(kernel_size):
@@ -43,8 +77,11 @@ class _GroupConvBase(BuiltKernelConv2D):
         strides=1,
         padding="same",
         use_bias=True,
-        kernel_initializer="he_normal",
+        kernel_initializer=None,
         bias_initializer="zeros",
+        basis="dense",
+        weight_standardization=False,
+        bias_scale=1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -56,7 +93,18 @@ class _GroupConvBase(BuiltKernelConv2D):
         self.strides = positive_int("strides", strides)
         self.padding = padding_mode(padding)
         self.use_bias = bool(use_bias)
-        self.kernel_initializer = tf.keras.initializers.get(kernel_initializer)
+        if basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+        if basis == "steerable" and kernels.spatial_permutation(self.group, self.kernel_size) is None:
+            raise ValueError(f"basis='steerable' needs a group that permutes the {self.kernel_size}x"
+                             f"{self.kernel_size} grid exactly (C1, C2, C4, D1, D2, D4), got {self.group.name}")
+        self.basis = basis
+        self.weight_standardization = bool(weight_standardization)
+        if isinstance(bias_scale, bool) or not isinstance(bias_scale, (int, float)) or not bias_scale > 0:
+            raise ValueError(f"bias_scale must be a positive number, got {bias_scale!r}")
+        self.bias_scale = float(bias_scale)
+        # None: the basis's own initialisation (He normal for dense taps, escnn's generalised He for coefficients).
+        self.kernel_initializer = None if kernel_initializer is None else tf.keras.initializers.get(kernel_initializer)
         self.bias_initializer = tf.keras.initializers.get(bias_initializer)
         self.input_spec = tf.keras.layers.InputSpec(ndim=4)
 
@@ -93,12 +141,26 @@ class _GroupConvBase(BuiltKernelConv2D):
             raise ValueError(f"{self.name}: the channel dimension of the input must be known, got {input_shape}")
         self._check_input_channels(int(in_channels))
         self._check_strides(input_shape)
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=self._base_kernel_shape(int(in_channels)),
-            initializer=self.kernel_initializer,
-            trainable=True,
-        )
+        base_shape = self._base_kernel_shape(int(in_channels))
+        if self.basis == "steerable":
+            basis = steerable.steerable_basis(self.group, self.kernel_size, lifting=self._lifting)
+            in_fields = base_shape[2]
+            # [D, k*k, n_in]: kept as a constant; the base kernel is this matrix times the coefficients.
+            self._basis = tf.constant(basis.base, tf.float32)
+            self.kernel = self.add_weight(
+                name="coefficients",
+                shape=(basis.base.shape[0], in_fields, self.filters),
+                initializer=self.kernel_initializer or _SteerableInitializer(steerable.he_init_std(basis, in_fields)),
+                trainable=True,
+            )
+        else:
+            self._basis = None
+            self.kernel = self.add_weight(
+                name="kernel",
+                shape=base_shape,
+                initializer=self.kernel_initializer or "he_normal",
+                trainable=True,
+            )
         self.bias = None
         if self.use_bias:
             # One bias per field, shared by its orientations: a per-channel bias would break equivariance.
@@ -126,11 +188,33 @@ class _GroupConvBase(BuiltKernelConv2D):
                     "by pooling, or a size s with (size - 1) divisible by the stride"
                 )
 
+    def base_kernel(self):
+        """The base filters (those of output orientation e) in the dense layout ``_base_kernel_shape``: the trainable
+        weights themselves, or the basis times them, standardised first with ``weight_standardization``."""
+        weights = self.kernel
+        if self.weight_standardization:
+            weights = standardize_layer(tf.cast(weights, tf.float32))
+        weights = tf.cast(weights, self.compute_dtype)
+        if self._basis is None:
+            return weights
+        base = tf.einsum("dph,dcf->pchf", tf.cast(self._basis, self.compute_dtype), weights)  # [k*k, C, n_in, F]
+        in_fields = base.shape[1]
+        return tf.reshape(base, self._base_kernel_shape(in_fields * (1 if self._lifting else self.group.order)))
+
+    @property
+    def base_is_trainable_kernel(self):
+        """True when the base kernel is the trainable weight itself (dense taps, not standardised): then the gather
+        index says all DP-SGD's ghost norms need to know (``kernel_gather_index``)."""
+        return self._basis is None and not self.weight_standardization
+
     def expanded_bias(self):
         """The ``[filters * |G|]`` bias of the equivalent ordinary convolution (or None)."""
         if self.bias is None:
             return None
-        return tf.repeat(tf.cast(self.bias, self.compute_dtype), self.group.order)
+        bias = tf.cast(self.bias, self.compute_dtype)
+        if self.bias_scale != 1.0:
+            bias = bias * tf.cast(self.bias_scale, self.compute_dtype)
+        return tf.repeat(bias, self.group.order)
 
     @property
     def output_channels(self):
@@ -146,8 +230,12 @@ class _GroupConvBase(BuiltKernelConv2D):
                 "strides": self.strides,
                 "padding": self.padding,
                 "use_bias": self.use_bias,
-                "kernel_initializer": tf.keras.initializers.serialize(self.kernel_initializer),
+                "kernel_initializer": (None if self.kernel_initializer is None
+                                       else tf.keras.initializers.serialize(self.kernel_initializer)),
                 "bias_initializer": tf.keras.initializers.serialize(self.bias_initializer),
+                "basis": self.basis,
+                "weight_standardization": self.weight_standardization,
+                "bias_scale": self.bias_scale,
             }
         )
         return config
@@ -161,6 +249,8 @@ class LiftingConv2D(_GroupConvBase):
     the base filter transformed by g. (Interpolated groups such as C8 keep only the disk taps, see
     ``kernels.disk_taps``: 5 for k=3.)
     """
+
+    _lifting = True
 
     def _base_kernel_shape(self, in_channels):
         if self.group.is_exact:
@@ -182,7 +272,7 @@ class LiftingConv2D(_GroupConvBase):
 
     def expanded_kernel(self):
         k, order = self.kernel_size, self.group.order
-        base = tf.cast(self.kernel, self.compute_dtype)
+        base = self.base_kernel()
         in_ch = base.shape[-2]
         flat = tf.reshape(base, [-1, in_ch, self.filters])
         if self._gather_index is not None:
@@ -195,7 +285,7 @@ class LiftingConv2D(_GroupConvBase):
 
     def kernel_gather_index(self):
         taps = kernels.lifting_indices(self.group, self.kernel_size)  # [G, k*k]: tap p of orientation g <- taps[g, p]
-        if taps is None:
+        if taps is None or not self.base_is_trainable_kernel:
             return None
         in_ch = self.kernel.shape[-2]
         index = taps[:, :, None] * in_ch + np.arange(in_ch)[None, None, :]  # row (p, c) <- (taps[g, p], c)
@@ -210,6 +300,8 @@ class GroupConv2D(_GroupConvBase):
     k*k for interpolated groups). The filter for output orientation g is the base filter moved by g
     in space with its orientation axis permuted by g.
     """
+
+    _lifting = False
 
     def _base_kernel_shape(self, in_channels):
         in_fields = in_channels // self.group.order
@@ -233,7 +325,7 @@ class GroupConv2D(_GroupConvBase):
 
     def expanded_kernel(self):
         k, order = self.kernel_size, self.group.order
-        base = tf.cast(self.kernel, self.compute_dtype)
+        base = self.base_kernel()
         in_fields = base.shape[-3]
         base = tf.reshape(base, [-1, in_fields, order, self.filters])  # [T, C, G_in, F]
         flat = tf.reshape(tf.transpose(base, [0, 2, 1, 3]), [-1, in_fields, self.filters])
@@ -245,7 +337,7 @@ class GroupConv2D(_GroupConvBase):
         return tf.reshape(stacked, [k, k, in_fields * order, self.filters * order])
 
     def kernel_gather_index(self):
-        if kernels.spatial_permutation(self.group, self.kernel_size) is None:
+        if kernels.spatial_permutation(self.group, self.kernel_size) is None or not self.base_is_trainable_kernel:
             return None
         order = self.group.order
         in_fields = self.kernel.shape[-3]

@@ -19,6 +19,31 @@ def closest_divisor(n, requested):
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - requested), d))
 
 
+def official_norm_groups(n, requested=8):
+    """The number of norm groups the official code uses for ``n`` fields when ``requested`` are asked for.
+
+    Its escnn fork keeps ``requested`` when it divides ``n``; otherwise (``utils.closest_divisor``) it takes the
+    divisor nearest to ``requested``, the second nearest if the first leaves at most 3 fields per group, and 1
+    group if that too leaves at most 3. For 6, 9 and 13 fields: 1 group; for 27 and 39: 3; for 16: 8. (Ties in
+    distance go to the smaller divisor, as numpy's argsort keeps them for the few divisors such counts have.)
+    """
+    if n < 1 or requested < 1:
+        raise ValueError(f"official_norm_groups needs positive ints, got n={n}, requested={requested}")
+    if n % requested == 0:
+        return requested
+    divisors = sorted((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - requested), d))
+    if len(divisors) < 2:
+        chosen = divisors[0]
+    elif n // divisors[0] > 3:
+        return divisors[0]
+    else:
+        chosen = divisors[1]
+    return 1 if n // chosen <= 3 else chosen
+
+
+NORM_GROUP_RULES = {"closest": closest_divisor, "official": official_norm_groups}
+
+
 @tf.keras.utils.register_keras_serializable(package="eqdp")
 class GroupNormalization(tf.keras.layers.Layer):
     """Equivariant GroupNorm over ``[B, H, W, F*|G|]`` with ``groups`` dividing the field count F."""

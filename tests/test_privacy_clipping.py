@@ -5,7 +5,9 @@ Routes: every norm method of the layer-by-layer engine (``clipped_sum.NORM_METHO
 test runs: materialise, ghost, auto, and any added later), the ``vectorized_map`` fallback of the DP step, and
 TF-Privacy's fast clipping with our ``layer_registry()``. The model has every kind of layer with weights the
 routes treat apart: a lifting and a group convolution (C4, whose filters are gathered from shared base filters,
-and D2), an affine equivariant GroupNorm, an ordinary strided Conv2D and a Dense head. Each example's clipped
+and D2; and, as the official model has them, over escnn's steerable basis with layer-wide weight
+standardisation and a scaled bias, for C4 and for C1, whose dense taps would otherwise take the plain ghost route),
+an affine equivariant GroupNorm, an ordinary strided Conv2D and a Dense head. Each example's clipped
 gradient is observed as the engine's masked clipped sum with a mask selecting that example alone.
 """
 
@@ -25,14 +27,21 @@ LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction
 ROUTES = [*clipped_sum.NORM_METHODS, "vmap", "tf_privacy_registry"]
 
 
-def _model(group):
+# "GROUP" or "GROUP/official": the latter's group convolutions as the official model's (steerable coefficients,
+# weight-standardised, bias scaled).
+CASES = ["C4", "D2", "C4/official", "C1/official"]
+
+
+def _model(case):
+    group, _, official = case.partition("/")
+    conv_options = dict(basis="steerable", weight_standardization=True, bias_scale=0.5) if official else {}
     tf.keras.utils.set_random_seed(0)
     inputs = tf.keras.Input([8, 8, 3])
-    h = layers.LiftingConv2D(3, 3, group=group, padding="same")(inputs)
+    h = layers.LiftingConv2D(3, 3, group=group, padding="same", **conv_options)(inputs)
     h = layers.GroupNormalization(groups=3, group=group, center=True, scale=True)(h)
     h = tf.keras.layers.Activation("relu")(h)
     h = layers.SpatialPooling2D(2)(h)
-    h = layers.GroupConv2D(2, 3, group=group, padding="same")(h)
+    h = layers.GroupConv2D(2, 3, group=group, padding="same", bias_initializer="ones", **conv_options)(h)
     h = layers.GroupPooling(group)(h)
     h = tf.keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(h)
     h = tf.keras.layers.GlobalAveragePooling2D()(h)
@@ -89,7 +98,7 @@ def _clipped_by_tf_privacy(model, views, labels, clip):
     return np.stack(rows)
 
 
-@pytest.mark.parametrize("group", ["C4", "D2"])
+@pytest.mark.parametrize("group", CASES)
 @pytest.mark.parametrize("route", ROUTES)
 def test_clipped_per_example_gradients_are_within_c_and_unchanged_below_it(route, group):
     model, views, labels, reference = _case(group, 1 if route == "tf_privacy_registry" else VIEWS)

@@ -40,11 +40,12 @@ NORM_METHODS = ("auto", "materialise", "ghost")
 
 
 def _identity_expansion(layer):
-    """True when the layer's (expanded) kernel is its own kernel reshaped: ordinary convs, C1 group convs."""
+    """True when the layer's (expanded) kernel is its own kernel reshaped: ordinary convs, C1 group convs whose
+    trainable weights are their taps (not steerable coefficients, not standardised)."""
     if not hasattr(layer, "expanded_kernel"):
         return True
     group = getattr(layer, "group", None)
-    return group is not None and group.order == 1
+    return group is not None and group.order == 1 and getattr(layer, "base_is_trainable_kernel", True)
 
 
 def _static_dims(x, dz):
