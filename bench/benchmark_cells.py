@@ -11,16 +11,23 @@ import harness  # bench/harness.py: the child-process protocol shared by the ben
 _CHILD_START = time.perf_counter()
 
 MODELS = {
-    "eq_resnet9_d4d2": {"architecture": "eq_resnet9", "group": "D4", "restrict": "D2"},
-    "eq_resnet9_c1": {"architecture": "eq_resnet9", "group": "C1", "restrict": None},
+    # The dense variant (free 9-tap filters): the paper model of every grid before issue 38.
+    "eq_resnet9_d4d2": {"architecture": "eq_resnet9", "group": "D4", "restrict": "D2", "variant": "dense"},
+    "eq_resnet9_c1": {"architecture": "eq_resnet9", "group": "C1", "restrict": None, "variant": "dense"},
+    # The official code's model (steerable basis, weight-standardised coefficients; issue 38).
+    "eq_resnet9_d4d2_official": {"architecture": "eq_resnet9", "group": "D4", "restrict": "D2", "variant": "official"},
+    "eq_resnet9_c1_official": {"architecture": "eq_resnet9", "group": "C1", "restrict": None, "variant": "official"},
     "wrn16_4": {"architecture": "wrn16_4"},  # weight-standardised, its default since issue 26
     # Without weight standardisation: the WRN-16-4 of grids before 2026-12-05, for comparing engines on one model.
     "wrn16_4_plain": {"architecture": "wrn16_4", "weight_standardization": False},
 }
-DEFAULT_MODELS = ("eq_resnet9_d4d2", "eq_resnet9_c1", "wrn16_4")  # the grid's; wrn16_4_plain on request
+# the grid's; wrn16_4_plain on request
+DEFAULT_MODELS = ("eq_resnet9_d4d2_official", "eq_resnet9_c1_official", "eq_resnet9_d4d2", "eq_resnet9_c1", "wrn16_4")
 MODEL_LABELS = {
-    "eq_resnet9_d4d2": "Eq. ResNet-9 (D4->D2)",
-    "eq_resnet9_c1": "ResNet-9 (C1)",
+    "eq_resnet9_d4d2": "Eq. ResNet-9 (D4->D2), dense",
+    "eq_resnet9_c1": "ResNet-9 (C1), dense",
+    "eq_resnet9_d4d2_official": "Eq. ResNet-9 (D4->D2), official",
+    "eq_resnet9_c1_official": "ResNet-9 (C1), official",
     "wrn16_4": "WRN-16-4",
     "wrn16_4_plain": "WRN-16-4 (no WS)",
 }

@@ -19,12 +19,25 @@ COMMON_FLAGS = [
     "--export=false",
 ]
 
+# Rounds 1-3 trained the dense variant of the ResNet-9 (free 9-tap filters; --model_variant=dense), before the
+# official one existed; round 4 (issue 39) the official code's model with the EMA schedule of its full-scale run.
+DENSE = ["--model_variant=dense"]
+OFFICIAL = ["--model_variant=official", "--ema_updates_per_step=16"]
 MODELS = {
-    "eq_d4d2": ["--architecture=eq_resnet9", "--group=D4", "--restrict=D2", "--head=paper"],
-    "cnn_c1": ["--architecture=eq_resnet9", "--group=C1", "--restrict=none", "--head=paper"],
+    "eq_d4d2": ["--architecture=eq_resnet9", "--group=D4", "--restrict=D2", "--head=paper"] + DENSE,
+    "cnn_c1": ["--architecture=eq_resnet9", "--group=C1", "--restrict=none", "--head=paper"] + DENSE,
     # The runs recorded before weight standardisation existed trained plain convs: kept so, to stay reproducible.
     "wrn16_4": ["--architecture=wrn16_4", "--group=C1", "--restrict=none", "--wrn_weight_standardization=false"],
-    "eq_c4": ["--architecture=eq_resnet9", "--group=C4", "--restrict=none", "--head=paper"],
+    "eq_c4": ["--architecture=eq_resnet9", "--group=C4", "--restrict=none", "--head=paper"] + DENSE,
+    "eq_d4d2_official": ["--architecture=eq_resnet9", "--group=D4", "--restrict=D2", "--head=paper"] + OFFICIAL,
+    "cnn_c1_official": ["--architecture=eq_resnet9", "--group=C1", "--restrict=none", "--head=paper"] + OFFICIAL,
+}
+# Round 4's ablation: the official D4->D2 model with one ingredient reverted to the dense variant's.
+ABLATIONS = {
+    "no_ws": ["--conv_weight_standardization=false"],
+    "gn_per_field": ["--norm_group_rule=closest"],
+    "dense_basis": ["--conv_basis=dense"],
+    "ema1": ["--ema_updates_per_step=1"],
 }
 MODEL_LABELS = {
     "eq_d4d2": "Equivariant ResNet-9 (D4→D2)",
@@ -32,6 +45,12 @@ MODEL_LABELS = {
     "wrn16_4": "WRN-16-4",
     "wrn16_4_ws": "WRN-16-4 (weight-standardised)",
     "eq_c4": "Equivariant ResNet-9 (C4)",
+    "eq_d4d2_official": "Official Equivariant ResNet-9 (D4→D2)",
+    "cnn_c1_official": "Official ResNet-9, trivial group (ordinary CNN)",
+    "eq_d4d2_official_no_ws": "Official D4→D2 without weight standardisation",
+    "eq_d4d2_official_gn_per_field": "Official D4→D2 with one norm group per field",
+    "eq_d4d2_official_dense_basis": "Official D4→D2 with the dense 9-tap basis",
+    "eq_d4d2_official_ema1": "Official D4→D2 with one EMA update per step",
 }
 
 
@@ -153,7 +172,43 @@ TAN_BATCHES = {
         **{f"tan_eq_d4d2_eps{eps}_s{seed}": MODELS["eq_d4d2"] + _tan(TAN_BATCH, eps, seed=seed)
            for eps in (8, 1) for seed in (1, 2)},
     },
+    # Round 4 (issue 39): the official code's model, in the order the issue gives: the headline at simulated
+    # epsilon 8 (D4->D2 seed 0 first, then the cheap ordinary CNN's three seeds, then D4->D2's other two), the
+    # ablation, then low epsilon and no noise.
+    "r4_eps8_first": {
+        "tan_off_eq_d4d2_eps8": MODELS["eq_d4d2_official"] + _tan(TAN_BATCH, 8),
+    },
+    "r4_cnn_eps8": {
+        "tan_off_cnn_c1_eps8": MODELS["cnn_c1_official"] + _tan(TAN_BATCH, 8),
+        **{f"tan_off_cnn_c1_eps8_s{seed}": MODELS["cnn_c1_official"] + _tan(TAN_BATCH, 8, seed=seed)
+           for seed in (1, 2)},
+    },
+    "r4_eq_eps8_seeds": {
+        f"tan_off_eq_d4d2_eps8_s{seed}": MODELS["eq_d4d2_official"] + _tan(TAN_BATCH, 8, seed=seed) for seed in (1, 2)
+    },
+    "r4_ablation": {
+        f"tan_off_eq_d4d2_{name}_eps8": MODELS["eq_d4d2_official"] + flags + _tan(TAN_BATCH, 8)
+        for name, flags in ABLATIONS.items()
+    },
+    "r4_eps1": {
+        **{f"tan_off_cnn_c1_eps1{suffix}": MODELS["cnn_c1_official"] + _tan(TAN_BATCH, 1, seed=seed)
+           for seed, suffix in ((None, ""), (1, "_s1"), (2, "_s2"))},
+        **{f"tan_off_eq_d4d2_eps1{suffix}": MODELS["eq_d4d2_official"] + _tan(TAN_BATCH, 1, seed=seed)
+           for seed, suffix in ((None, ""), (1, "_s1"), (2, "_s2"))},
+    },
+    "r4_eps2": {
+        "tan_off_cnn_c1_eps2": MODELS["cnn_c1_official"] + _tan(TAN_BATCH, 2),
+        "tan_off_eq_d4d2_eps2": MODELS["eq_d4d2_official"] + _tan(TAN_BATCH, 2),
+    },
+    "r4_noiseless": {
+        "tan_off_cnn_c1_sigma0": MODELS["cnn_c1_official"] + _tan(TAN_BATCH),
+        "tan_off_eq_d4d2_sigma0": MODELS["eq_d4d2_official"] + _tan(TAN_BATCH),
+    },
 }
+ROUND4_ORDER = ("r4_eps8_first", "r4_cnn_eps8", "r4_eq_eps8_seeds", "r4_ablation", "r4_eps1", "r4_eps2",
+                "r4_noiseless")
+
+
 def _override(flags, **values):
     """``flags`` with the given flags' values replaced."""
     return [f"--{name}={values[name]}" if name in values else flag
@@ -177,7 +232,7 @@ TAN_RECIPE_BATCHES = {
 TAN_BATCHES.update(TAN_RECIPE_BATCHES)
 # The order in which `run tan` takes the batches (each resumable, finished runs skipped).
 TAN_ORDER = ("tan_scaling", "tan_eps8", "tan_eps2", "tan_noiseless", "tan_eps1", "tan_wrn", "tan_optional", "tan_k4",
-             "tan_seeds", "tan_wrn_recipe")
+             "tan_seeds", "tan_wrn_recipe") + ROUND4_ORDER
 
 
 def run_flags(name):

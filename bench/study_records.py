@@ -68,20 +68,34 @@ def load_records(records_dir=RECORDS_DIR):
     return records
 
 
+# What a run recorded before issue 38 trained: the dense variant (its config.json has none of these keys).
+LEGACY_MODEL = {"model_variant": "dense", "conv_basis": "dense", "conv_weight_standardization": False,
+                "norm_group_rule": "closest", "ema_updates_per_step": 1}
+# The official model's ingredients, and the suffix of a run that reverts one of them (study_plan.ABLATIONS).
+OFFICIAL_INGREDIENTS = {"conv_weight_standardization": (True, "no_ws"), "norm_group_rule": ("official", "gn_per_field"),
+                        "conv_basis": ("steerable", "dense_basis"), "ema_updates_per_step": (16, "ema1")}
+
+
 def _model_key(config):
     if config["architecture"] == "wrn16_4":
         # Runs recorded before the flag existed trained plain convs.
         return "wrn16_4_ws" if config.get("wrn_weight_standardization", False) else "wrn16_4"
+    config = {**LEGACY_MODEL, **config}
     group, restrict = config["group"].lower(), config["restrict"].lower()
-    if group == "c1":
-        return "cnn_c1"
-    return f"eq_{group}" + ("" if restrict == "none" else restrict)
+    key = "cnn_c1" if group == "c1" else f"eq_{group}" + ("" if restrict == "none" else restrict)
+    if config["model_variant"] != "official":
+        return key
+    reverted = [suffix for name, (value, suffix) in OFFICIAL_INGREDIENTS.items() if config[name] != value]
+    return "_".join([key, "official"] + reverted)
 
 
 def _parameter_count(config, cache={}):
     # Runs recorded before the flag existed trained WRN-16-4 without weight standardisation.
     standardised = config["architecture"] == "wrn16_4" and config.get("wrn_weight_standardization", False)
-    key = (config["architecture"], config["group"], config["restrict"], config["head"], standardised)
+    model = {**LEGACY_MODEL, **config}
+    variant = (model["model_variant"], model["conv_basis"], model["conv_weight_standardization"],
+               model["norm_group_rule"])
+    key = (config["architecture"], config["group"], config["restrict"], config["head"], standardised, variant)
     if key not in cache:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         sys.path.insert(0, REPO_ROOT)
@@ -90,7 +104,8 @@ def _parameter_count(config, cache={}):
         from eqdp_tf.models.names import restricted_group
 
         restrict = restricted_group(config["restrict"])
-        extra = {"weight_standardization": standardised} if config["architecture"] == "wrn16_4" else {}
+        extra = {"weight_standardization": standardised} if config["architecture"] == "wrn16_4" else dict(
+            variant=variant[0], basis=variant[1], weight_standardization=variant[2], norm_rule=variant[3])
         cache[key] = models.build_model(config["architecture"], group=config["group"], restrict=restrict,
                                         head=config["head"], **extra).count_params()
     return cache[key]

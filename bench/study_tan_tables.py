@@ -17,7 +17,8 @@ from study_report import PUBLISHED, markdown
 
 PAPER_RECIPE = "paper"  # SGD lr 2, C = 2, EMA 0.999, 2160 steps: every run but WRN-16-4's with its authors' recipe
 STEP_TIMES_FILE = "step_times.json"  # python bench/benchmark.py ... --json <TAN_DIR>/step_times.json
-BENCHMARK_MODELS = {"eq_d4d2": "eq_resnet9_d4d2", "cnn_c1": "eq_resnet9_c1", "wrn16_4_ws": "wrn16_4"}
+BENCHMARK_MODELS = {"eq_d4d2": "eq_resnet9_d4d2", "cnn_c1": "eq_resnet9_c1", "wrn16_4_ws": "wrn16_4",
+                    "eq_d4d2_official": "eq_resnet9_d4d2_official", "cnn_c1_official": "eq_resnet9_c1_official"}
 FRACTIONS = (0.25, 0.5, 1.0)
 
 

@@ -17,7 +17,7 @@ from layers import groups as groups_lib
 from eqdp_tf.checks import finite_number, whole_number
 from eqdp_tf.errors import ConfigError, one_line
 from eqdp_tf.models import ARCHITECTURES, HEADS
-from eqdp_tf.models.names import restricted_group
+from eqdp_tf.models.names import CONV_BASES, NORM_RULES, VARIANTS, restricted_group
 
 SAMPLINGS = ("poisson", "shuffle")
 VIEW_REDUCTIONS = ("sum", "mean")
@@ -33,6 +33,13 @@ class TrainConfig:
     group: str = "D4"
     restrict: str = "D2"
     head: str = "paper"
+    # Equivariant ResNet-9 only: 'official' (the official code's model: steerable basis, weight-standardised
+    # coefficients, its GroupNorm rule) or 'dense' (this project's first model). The three ingredients below, when
+    # None, are the variant's; set, each overrides it on its own (config.json holds the resolved values).
+    model_variant: str = "official"
+    conv_basis: Optional[str] = None
+    conv_weight_standardization: Optional[bool] = None
+    norm_group_rule: Optional[str] = None
     # WRN only: De et al.'s scaled weight standardisation in every convolution (layers.StandardizedConv2D).
     wrn_weight_standardization: bool = True
     # optimisation
@@ -44,6 +51,8 @@ class TrainConfig:
     learning_rate: float = 2.0
     momentum: float = 0.0
     ema_decay: float = 0.999
+    # EMA updates per logical step (training.ema): the official run makes ~16 (one per physical batch of 512).
+    ema_updates_per_step: int = 1
     # privacy
     dp: bool = True
     l2_norm_clip: float = 2.0
@@ -99,12 +108,19 @@ class TrainConfig:
                 raise ConfigError(f"--{field.name} must be a finite number; got {value}")
         choice("architecture", ARCHITECTURES)
         choice("head", HEADS)
+        choice("model_variant", tuple(VARIANTS))
+        self._resolve_variant()
+        choice("conv_basis", CONV_BASES)
+        choice("norm_group_rule", NORM_RULES)
+        if not isinstance(self.conv_weight_standardization, bool):
+            raise ConfigError(f"--conv_weight_standardization must be true or false; got "
+                              f"{self.conv_weight_standardization!r}")
         choice("sampling", SAMPLINGS)
         choice("view_reduction", VIEW_REDUCTIONS)
         choice("jit_compile", JIT_CHOICES)
         choice("distribution", DISTRIBUTIONS)
         for name in ("steps", "batch_size", "physical_batch_size", "num_views", "eval_every", "eval_batch_size",
-                     "checkpoint_every", "log_every"):
+                     "checkpoint_every", "log_every", "ema_updates_per_step"):
             positive(name)
         positive("learning_rate", integer=False)
         if not 0.0 <= self.momentum < 1.0:
@@ -123,6 +139,21 @@ class TrainConfig:
         if self.architecture == "wrn16_4" and (self.group.upper() != "C1" or self.restricted_group is not None):
             raise ConfigError("--architecture=wrn16_4 is not equivariant: use it with --group=C1 --restrict=none")
         self._validate_privacy()
+
+    def _resolve_variant(self):
+        options = VARIANTS[self.model_variant]
+        for name, option in (("conv_basis", "basis"), ("conv_weight_standardization", "weight_standardization"),
+                             ("norm_group_rule", "norm_rule")):
+            if getattr(self, name) is None:
+                setattr(self, name, options[option])
+        if self.conv_basis == "steerable":
+            try:
+                group = groups_lib.get(self.group)
+            except ValueError:
+                return  # _validate_groups says what is wrong with the name
+            if not group.is_exact:
+                raise ConfigError(f"--conv_basis=steerable needs a group that permutes the pixel grid exactly (C1, "
+                                  f"C2, C4, D1, D2, D4), got --group={self.group}; use --conv_basis=dense")
 
     def _validate_privacy(self):
         if self.simulated_batch_size is not None:
@@ -183,11 +214,16 @@ class TrainConfig:
     PRIVACY_SETTINGS = ("noise_multiplier", "target_epsilon", "l2_norm_clip", "delta", "batch_size", "train_subset",
                         "simulated_batch_size")
 
+    # What a config.json written before a setting existed meant by leaving it out.
+    LEGACY_VALUES = {"model_variant": "dense", "conv_basis": "dense", "conv_weight_standardization": False,
+                     "norm_group_rule": "closest", "ema_updates_per_step": 1}
+
     def differences(self, other: dict):
         """Names of settings where ``other`` (a saved config) differs in a way a resume cannot accept.
 
         Privacy settings are included; ``privacy_differences`` tells them apart.
         """
+        other = {**self.LEGACY_VALUES, **other}
         mine = self.to_json()
         return sorted(k for k in set(mine) | set(other)
                       if k not in self.RESUMABLE_CHANGES and mine.get(k) != other.get(k))
@@ -216,6 +252,17 @@ def define_flags():
     flags.DEFINE_string("group", d.group, "Symmetry group: C1 (ordinary CNN), C4, C8, D4, D8, ... (C_N or D_N).")
     flags.DEFINE_string("restrict", d.restrict, "Subgroup for the last stages (e.g. D2), or 'none'.")
     flags.DEFINE_enum("head", d.head, HEADS, "'paper': 2x2 avg pool + linear; 'invariant': global pool + linear.")
+    flags.DEFINE_enum("model_variant", d.model_variant, tuple(VARIANTS),
+                      "Equivariant ResNet-9: 'official' = the official code's model (escnn's 8-tap steerable basis, "
+                      "weight-standardised coefficients, its GroupNorm rule, escnn's bias scale, torch's head init); "
+                      "'dense' = free 9-tap filters, no standardisation, one norm group per field.")
+    flags.DEFINE_enum("conv_basis", None, CONV_BASES, "Override the variant's filter basis: 'steerable' (escnn's "
+                      "band-limited basis, exact groups only) or 'dense' (free k*k taps).")
+    flags.DEFINE_boolean("conv_weight_standardization", None, "Override the variant: standardise each group conv's "
+                         "whole coefficient vector ((w - mean) / (std + 1e-5)), as the official code's escnn fork.")
+    flags.DEFINE_enum("norm_group_rule", None, NORM_RULES, "Override the variant: GroupNorm groups when 8 do not "
+                      "divide the fields: 'official' (the official code's closest_divisor: 1 group for 6 or 13 "
+                      "fields) or 'closest' (the nearest divisor: one group per field for 6 or 13).")
     flags.DEFINE_boolean("wrn_weight_standardization", d.wrn_weight_standardization,
                          "WRN only: scaled weight standardisation with a gain and bias per filter in every conv, as De "
                          "et al. (2022); false: plain convs without bias.")
@@ -228,6 +275,10 @@ def define_flags():
     flags.DEFINE_float("learning_rate", d.learning_rate, "SGD learning rate.")
     flags.DEFINE_float("momentum", d.momentum, "SGD momentum.")
     flags.DEFINE_float("ema_decay", d.ema_decay, "EMA decay of the weights used for evaluation and export.")
+    flags.DEFINE_integer("ema_updates_per_step", d.ema_updates_per_step,
+                         "EMA updates per logical step, the warm-up counting updates: the official run updates after "
+                         "every physical batch (16 for B = 8192 in batches of 2048 // K = 512); a TAN simulation "
+                         "takes the full-scale run's count.")
     flags.DEFINE_boolean("dp", d.dp, "Train with DP-SGD (false: same model and pipeline, non-private).")
     flags.DEFINE_float("l2_norm_clip", d.l2_norm_clip, "Per-example gradient clipping norm C.")
     flags.DEFINE_string("noise_multiplier", None, "Noise multiplier sigma; unset: calibrated to --target_epsilon.")

@@ -46,7 +46,7 @@ def test_benchmark_report_rebuilds_from_the_committed_grid_and_names_both_comman
     assert f"rebuilt from its saved cells with `python bench/benchmark.py --report-from {saved}`" in header
     # the measured cells come through: the paper model's DP row of the targets table, every batch from 64 to 512
     dp_rows = [line for line in text.splitlines()
-               if line.startswith("| Eq. ResNet-9 (D4->D2) | dp | fp32 | off |") and "B=" in line]
+               if line.startswith("| Eq. ResNet-9 (D4->D2), dense | dp | fp32 | off |") and "B=" in line]
     assert len(dp_rows) == 1 and all(f"B={b}: 1." in dp_rows[0] for b in (64, 128, 256, 512)), dp_rows
 
 

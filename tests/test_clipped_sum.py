@@ -40,8 +40,12 @@ def _reference(model, views, labels, clip, mask):
 
 MODELS = {
     "keras_cnn": (_small_cnn, 8),
-    "c1_resnet9": (lambda: build_model(group="C1", restrict=None), 32),  # ghost-able group convs (C1)
-    "d4d2_resnet9": (lambda: build_model(group="D4", restrict="D2"), 32),  # shared filters: materialised
+    # ghost-able group convs (dense C1)
+    "c1_resnet9": (lambda: build_model(group="C1", restrict=None, variant="dense"), 32),
+    # shared filters: materialised, or the gather route
+    "d4d2_resnet9": (lambda: build_model(group="D4", restrict="D2", variant="dense"), 32),
+    # steerable, standardised coefficients: materialised through the basis and the standardisation
+    "d4d2_official": (lambda: build_model(group="D4", restrict="D2", variant="official"), 32),
 }
 
 

@@ -9,7 +9,7 @@ from conftest import REPO_ROOT
 
 
 def test_config_and_help_do_not_import_tensorflow():
-    code = ("import sys; import eqdp_tf.config as c; c.TrainConfig(group='D8', restrict='C4'); "
+    code = ("import sys; import eqdp_tf.config as c; c.TrainConfig(group='D8', restrict='C4', model_variant='dense'); "
             "print('tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -141,7 +141,7 @@ def test_clipped_sum_by_the_gather_route_equals_clipping_vmap_gradients(restrict
 
 
 def test_auto_takes_the_gather_route_where_the_cost_model_says():
-    model = build_model(architecture="eq_resnet9", group="D4", restrict="D2", head="paper")
+    model = build_model(architecture="eq_resnet9", group="D4", restrict="D2", head="paper", variant="dense")
     chosen = {}
     for layer in model.layers:
         if not layer.trainable_weights:

@@ -25,11 +25,12 @@ def _n_weights(model):
 # Parameter counts
 
 
-def _resnet9_formula(group, restrict, head, layout=(16, 32, 64), classes=10):
+def _resnet9_formula(group, restrict, head, layout=(16, 32, 64), classes=10, taps=9):
     """Parameter count of the Equivariant ResNet-9 worked out from its layout, independently of the code.
 
-    Lifting conv from c image channels: 9 * c * f + f; group conv f_in -> f_out fields over G:
-    9 * |G| * f_in * f_out + f_out (one bias per field). GroupNorm is non-affine (no weights).
+    Lifting conv from c image channels: taps * c * f + f; group conv f_in -> f_out fields over G:
+    taps * |G| * f_in * f_out + f_out (one bias per field). GroupNorm is non-affine (no weights). taps: 9 for
+    dense 3x3 filters, 8 for the official steerable basis (per input orientation).
     """
     g = layers.get_group(group).order
     h = g if restrict is None else layers.get_group(restrict).order
@@ -38,9 +39,9 @@ def _resnet9_formula(group, restrict, head, layout=(16, 32, 64), classes=10):
     f3 = int(layout[2] * math.sqrt(1.5 * h) / h)
 
     def conv(order, f_in, f_out):
-        return 9 * order * f_in * f_out + f_out
+        return taps * order * f_in * f_out + f_out
 
-    total = 9 * 3 * f1 + f1                       # stage1 (lifting)
+    total = taps * 3 * f1 + f1                    # stage1 (lifting)
     total += conv(g, f1, f2)                      # stage2
     total += 2 * conv(g, f2, f2)                  # res1
     total += conv(g, f2, f3)                      # stage3
@@ -66,22 +67,58 @@ def _wrn_formula(depth=16, width=4, classes=10, weight_standardization=False):
 
 
 @pytest.mark.parametrize(
-    "group, restrict, head, expected",
+    "variant, group, restrict, head, expected",
     [
-        ("D4", "D2", "paper", 287_413),      # the paper's model
-        ("D4", None, "invariant", 213_283),
-        ("D4", None, "paper", 214_093),
-        ("C1", None, "paper", 229_784),      # ordinary ResNet-9 baseline
-        ("C4", None, "paper", 225_127),
-        ("C4", "C2", "paper", 290_307),
+        # The official code's counts (issue 38, as it builds them with fix_params): the paper's model, its ordinary
+        # CNN (C1) and C4.
+        ("official", "D4", "D2", "paper", 255_675),
+        ("official", "C1", None, "paper", 204_650),
+        ("official", "C4", None, "paper", 200_312),
+        ("dense", "D4", "D2", "paper", 287_413),      # the dense variant of the paper's model
+        ("dense", "D4", None, "invariant", 213_283),
+        ("dense", "D4", None, "paper", 214_093),
+        ("dense", "C1", None, "paper", 229_784),      # ordinary ResNet-9 baseline
+        ("dense", "C4", None, "paper", 225_127),
+        ("dense", "C4", "C2", "paper", 290_307),
     ],
 )
-def test_resnet9_parameter_count(group, restrict, head, expected):
-    model = models.build_model("eq_resnet9", group=group, restrict=restrict, head=head)
+def test_resnet9_parameter_count(variant, group, restrict, head, expected):
+    model = models.build_model("eq_resnet9", group=group, restrict=restrict, head=head, variant=variant)
     assert model.count_params() == expected
     assert _n_weights(model) == expected
-    assert _resnet9_formula(group, restrict, head) == expected
+    assert _resnet9_formula(group, restrict, head, taps=8 if variant == "official" else 9) == expected
     assert not model.non_trainable_weights  # GroupNorm without batch statistics: nothing non-trainable
+
+
+def test_official_model_layers_are_the_official_codes():
+    """Per-layer counts, GroupNorm groups and bias scales of the official D4 -> D2 model (issue 38)."""
+    model = models.build_model("eq_resnet9", group="D4", restrict="D2")  # 'official' is the default
+    counts = [layer.count_params() for layer in model.layers if layer.count_params()]
+    assert counts == [150, 5005, 10829, 10829, 32487, 97383, 48711, 48711, 1570]
+    norm_groups = {layer.name: layer.groups for layer in model.layers if isinstance(layer, layers.GroupNormalization)}
+    # 6 and 13 fields: one group (the official rule); 39 fields: 3.
+    assert norm_groups == {"stage1_norm": 1, "stage2_norm": 1, "res1a_norm": 1, "res1b_norm": 1, "res1_norm": 1,
+                           "stage3_norm": 3, "stage4_norm": 3, "res2a_norm": 3, "res2b_norm": 3, "res2_norm": 3}
+    convs = [layer for layer in model.layers if isinstance(layer, (layers.LiftingConv2D, layers.GroupConv2D))]
+    assert all(c.basis == "steerable" and c.weight_standardization for c in convs)
+    assert {c.name: c.bias_scale for c in convs if c.name in ("stage3_conv", "stage4_conv")} == pytest.approx(
+        {"stage3_conv": 1 / math.sqrt(8), "stage4_conv": 0.5})
+    bound = 1 / math.sqrt(39 * 4)  # torch's nn.Linear initialisation of the head
+    kernel, bias = model.get_layer("logits").get_weights()
+    assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound and np.abs(kernel).max() > 0.9 * bound
+
+
+def test_each_official_ingredient_switches_back_on_its_own():
+    dense_basis = models.build_model("eq_resnet9", group="D4", restrict="D2", basis="dense")
+    assert dense_basis.count_params() == 287_413
+    assert dense_basis.get_layer("stage2_conv").weight_standardization  # the rest stays official
+    plain = models.build_model("eq_resnet9", group="D4", restrict="D2", weight_standardization=False)
+    assert plain.count_params() == 255_675 and not plain.get_layer("stage2_conv").weight_standardization
+    per_field = models.build_model("eq_resnet9", group="D4", restrict="D2", norm_rule="closest")
+    assert per_field.get_layer("stage1_norm").groups == 6 and per_field.get_layer("res1_norm").groups == 13
+    assert per_field.get_layer("stage2_conv").basis == "steerable"
+    with pytest.raises(ValueError, match="variant"):
+        models.build_model("eq_resnet9", variant="escnn")
 
 
 def test_wrn16_4_parameter_count():
@@ -92,8 +129,8 @@ def test_wrn16_4_parameter_count():
 
 
 def test_group_conv_weights_match_hand_formula():
-    # stage2 of the D4 model: 6 -> 13 fields over D4, 9 * 8 * 6 * 13 + 13 weights.
-    model = models.build_model("eq_resnet9", group="D4", restrict="D2")
+    # stage2 of the dense D4 model: 6 -> 13 fields over D4, 9 * 8 * 6 * 13 + 13 weights.
+    model = models.build_model("eq_resnet9", group="D4", restrict="D2", variant="dense")
     assert model.get_layer("stage2_conv").count_params() == 9 * 8 * 6 * 13 + 13 == 5629
     assert model.get_layer("stage1_conv").count_params() == 9 * 3 * 6 + 6
     # after the restriction: 39 D4 fields = 78 D2 fields in, 39 D2 fields out

@@ -26,8 +26,12 @@ def _max_relative_error(a_list, b_list):
 @pytest.mark.parametrize(
     "kwargs,reduction",
     [
-        (dict(group="D4", restrict="D2"), "sum"),  # the paper model: gathers, restriction, no affine norms
-        (dict(group="C8", restrict="C4", head="invariant"), "mean"),  # interpolated kernels (einsum expansion)
+        # the paper model: gathers, restriction, no affine norms; officially through the steerable basis and the
+        # layer-wide weight standardisation (a non-linear map of all of a layer's coefficients)
+        (dict(group="D4", restrict="D2"), "sum"),
+        (dict(group="D4", restrict="D2", variant="dense"), "sum"),
+        # interpolated kernels (einsum expansion)
+        (dict(group="C8", restrict="C4", head="invariant", variant="dense"), "mean"),
         # Keras Conv2D, strides, affine GroupNorm
         (dict(architecture="wrn16_4", weight_standardization=False), "sum"),
         # weight standardisation: the kernel gradient goes back through a non-linear map of kernel and gain

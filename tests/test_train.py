@@ -68,7 +68,7 @@ def test_run_writes_the_expected_files(trained):
     assert os.listdir(os.path.join(out, "export")) == ["1"]  # no staging folder left behind
     assert os.path.isfile(os.path.join(out, "export", "1", "saved_model.pb"))
     assert result["export_path"] == os.path.join(out, "export", "1")
-    assert result["parameters"] == 287_413
+    assert result["parameters"] == 255_675  # the official model, the default
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f) == cfg.to_json()
 
@@ -327,7 +327,7 @@ def test_missing_dataset_message_names_data_dir_and_tfds(bad_flag_runs):
 def test_output_dir_of_a_different_run_is_refused(trained, tmp_path):
     cfg, out, _ = trained
     before = snapshot(out)
-    flags = [f for f in flags_for(cfg) if not f.startswith("--group=")] + ["--group=D8"]
+    flags = [f for f in flags_for(cfg) if not f.startswith("--group=")] + ["--group=D2"]
     proc = _start_train(flags, tmp_path)
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 2, stderr

@@ -38,7 +38,9 @@ def resolve_jit(choice):
 def build_model(cfg):
     if cfg.architecture == "wrn16_4":
         return models.build_model(cfg.architecture, weight_standardization=cfg.wrn_weight_standardization)
-    return models.build_model(cfg.architecture, group=cfg.group, restrict=cfg.restricted_group, head=cfg.head)
+    return models.build_model(cfg.architecture, group=cfg.group, restrict=cfg.restricted_group, head=cfg.head,
+                              variant=cfg.model_variant, basis=cfg.conv_basis,
+                              weight_standardization=cfg.conv_weight_standardization, norm_rule=cfg.norm_group_rule)
 
 
 def evaluate(predict, dataset):
@@ -103,7 +105,7 @@ class Trainer:
             # can hand them on to the other workers).
             self.optimizer._create_all_weights(self.model.trainable_variables)  # pylint: disable=protected-access
             self.step_fn = DPStep(self.model, None, self.optimizer, view_reduction=cfg.view_reduction, dp=cfg.dp)
-            self.ema = WeightAverage(self.model, self.ema_model, cfg.ema_decay)
+            self.ema = WeightAverage(self.model, self.ema_model, cfg.ema_decay, cfg.ema_updates_per_step)
         self.accumulate = self.step_fn.compiled_accumulate(self.jit)
         self.apply_update = self.step_fn.compiled_apply(self.jit)
         self.predict = tf.function(lambda images: self.ema_model(tf.cast(images, tf.float32), training=False),
@@ -220,11 +222,12 @@ class Trainer:
                 f"step {number}: {what}; stopped before applying it, nothing of this step was written "
                 f"(the checkpoint of step {state.saved} is kept); lower --learning_rate or check the data")
         self.optimizer.set_noise_seed(self.randomness.noise_seed(number))
+        self.ema.before_step(state.step)
         self.apply_update()
         if cfg.dp and 0 in self.dist.replica_ids and not self.optimizer.keyed_noise_traced:  # replica 0 adds it
             raise RuntimeError("DPStep.apply no longer draws its noise through optimizer.noised_sum; "
                                "the keyed (resumable) noise of privacy.randomness is bypassed")
-        self.ema.update(state.step)
+        self.ema.after_step(state.step)
         state.step, state.step_loss = number, 0.0
         state.window.seconds += elapsed
         state.since_eval.seconds += elapsed
