@@ -3,6 +3,7 @@
     python bench/study.py list                    # the runs of every batch and their flags
     python bench/study.py run eps8                # train one batch of runs (resumable: rerun to continue)
     python bench/study.py run tan                 # the paper's regime, TAN-simulated, batch by batch
+    python bench/study.py run round4              # its round 4 (the official model, issue 39) only
     python bench/study.py report                  # tables, findings and plots from the committed records only
 
 Parts: this file is the command line and the runner; ``study_plan.py`` the runs and their flags;
@@ -25,9 +26,9 @@ import sys
 import time
 
 # bench/ is on the path when this runs as a script; the study's parts sit beside it.
-from study_plan import BATCHES, TAN_BATCHES, TAN_ORDER, batch_runs, run_flags
-from study_records import (DEFAULT_DATA_DIR, REPO_ROOT, TAN_RECORDS_DIR, keep_records, load_records, note_machine,
-                           read_jsonl)
+from study_plan import BATCHES, ROUND4_ORDER, TAN_BATCHES, TAN_ORDER, batch_runs, run_flags
+from study_records import (DEFAULT_DATA_DIR, RECORDS_DIR, REPO_ROOT, TAN_RECORDS_DIR, keep_records, load_records,
+                           note_machine, read_jsonl)
 from study_report import report_first_study
 from study_tan_report import report_paper_regime
 
@@ -44,9 +45,14 @@ def _steps(flags):
     return int(next(f.split("=", 1)[1] for f in flags if f.startswith("--steps=")))
 
 
+def _recorded(name, steps):
+    """True when a finished run's records are committed: a fresh machine (no run folders) must not train it again."""
+    return _finished(os.path.join(TAN_RECORDS_DIR if name.startswith("tan_") else RECORDS_DIR, name), steps)
+
+
 def run_batch(batch, runs_dir, data_dir):
-    if batch == "tan":
-        for each in TAN_ORDER:
+    if batch in ("tan", "round4"):
+        for each in TAN_ORDER if batch == "tan" else ROUND4_ORDER:
             run_batch(each, runs_dir, data_dir)
         return
     all_runs = {name for runs in {**BATCHES, **TAN_BATCHES}.values() for name in runs}
@@ -58,6 +64,9 @@ def run_batch(batch, runs_dir, data_dir):
     for name in ([batch] if batch in all_runs else batch_runs(batch)):
         flags = run_flags(name)
         out = os.path.join(runs_dir, name)
+        if _recorded(name, _steps(flags)) and not os.path.isdir(out):
+            print(f"[{name}] already recorded in docs/study/")
+            continue
         if _finished(out, _steps(flags)):
             print(f"[{name}] already finished in {out}")
         else:
@@ -87,8 +96,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="show the batches, runs and flags")
     run = sub.add_parser("run", help="train one batch of runs (resumable)")
-    run.add_argument("batch", help="a batch of runs (see 'list'), one run by name, or 'tan': every "
-                                   "paper-regime batch in order")
+    run.add_argument("batch", help="a batch of runs (see 'list'), one run by name, 'tan': every paper-regime "
+                                   "batch in order, or 'round4': round 4's batches in order")
     run.add_argument("--runs-dir", default=os.path.join(REPO_ROOT, "runs", "study"),
                      help="where the full run folders go (checkpoints; not committed)")
     run.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with cifar-10-batches-bin")
