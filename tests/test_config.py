@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT
 
 
@@ -42,6 +44,54 @@ print(json.dumps(out))
             wrn["l2_norm_clip"], wrn["ema_decay"], wrn["wrn_weight_standardization"]) == \
         (4096, 2500, 3.0, 16, 4.0, 1.0, 0.9999, True)
     assert wrn["target_epsilon"] is None  # sigma given, not calibrated
+    paper = configs["configs/cifar10.cfg"]  # the official code's model and EMA schedule (issue 38)
+    assert (paper["model_variant"], paper["conv_basis"], paper["conv_weight_standardization"],
+            paper["norm_group_rule"], paper["ema_updates_per_step"]) == ("official", "steerable", True, "official", 16)
+    assert configs["configs/cifar10_tan256.cfg"]["ema_updates_per_step"] == 16  # the full-scale run's schedule
+    assert configs["configs/cifar10_c1_baseline.cfg"]["model_variant"] == "official"
+
+
+def test_model_variant_resolves_and_each_ingredient_overrides_it():
+    from eqdp_tf.config import TrainConfig
+
+    official = TrainConfig()
+    assert (official.conv_basis, official.conv_weight_standardization, official.norm_group_rule) == (
+        "steerable", True, "official")
+    dense = TrainConfig(model_variant="dense")
+    assert (dense.conv_basis, dense.conv_weight_standardization, dense.norm_group_rule) == ("dense", False, "closest")
+    ablated = TrainConfig(conv_weight_standardization=False)
+    assert (ablated.conv_basis, ablated.conv_weight_standardization) == ("steerable", False)
+    # config.json holds the resolved values, so a replay of its flags builds the same model
+    assert TrainConfig(**{k: v for k, v in ablated.to_json().items()}).to_json() == ablated.to_json()
+
+
+def test_a_config_written_before_the_model_variant_resumes_as_the_dense_model():
+    from eqdp_tf.config import TrainConfig
+
+    legacy = TrainConfig(model_variant="dense").to_json()
+    for key in ("model_variant", "conv_basis", "conv_weight_standardization", "norm_group_rule",
+                "ema_updates_per_step"):
+        legacy.pop(key)
+    assert TrainConfig(model_variant="dense").differences(legacy) == []
+    assert TrainConfig().differences(legacy) == ["conv_basis", "conv_weight_standardization", "model_variant",
+                                                 "norm_group_rule"]
+    assert TrainConfig(model_variant="dense", ema_updates_per_step=16).differences(legacy) == [
+        "ema_updates_per_step"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(group="C8", restrict="none"), "--conv_basis=steerable needs a group that permutes the pixel grid exactly"),
+    (dict(conv_basis="fourier"), "--conv_basis must be one of steerable, dense"),
+    (dict(model_variant="escnn"), "--model_variant must be one of official, dense"),
+    (dict(ema_updates_per_step=0), "--ema_updates_per_step"),
+])
+def test_bad_model_settings_are_one_line_errors(settings, message):
+    from eqdp_tf.config import TrainConfig
+    from eqdp_tf.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        TrainConfig(**settings)
+    assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_only_dp_seed_says_it_seeds_the_batches_or_the_noise():
