@@ -23,7 +23,7 @@ def test_layer_routes_times_every_layer_with_weights_and_reports_the_decision(ca
     _load("layer_routes").main(["--models", "eq_resnet9_c1", "--batch", "2", "--warmup", "0", "--steps", "1"])
     rows = [[cell.strip() for cell in line.split("|")[1:-1]]
             for line in capsys.readouterr().out.splitlines() if line.startswith("| eq_resnet9_c1")]
-    model = build_model(architecture="eq_resnet9", group="C1", restrict=None, head="paper")
+    model = build_model(architecture="eq_resnet9", group="C1", restrict=None, head="paper", variant="dense")
     assert [row[1] for row in rows] == [layer.name for layer in model.layers if layer.trainable_weights]
     for row in rows:
         layer = model.get_layer(row[1])
