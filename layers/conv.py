@@ -43,6 +43,26 @@ def standardize_layer(weights):
     return (weights - mean) / (tf.sqrt(variance) + STANDARDIZATION_EPSILON)
 
 
+def standardization_vjp(weights, cotangents):
+    """Per-example gradients of the raw weights ``w`` from per-example gradients ``u`` [B, *w.shape] of
+    ``standardize_layer(w)``: with c = w - mean(w), s its population std and n its size,
+
+        dL/dw = (u - mean(u)) / (s + eps) - c (u . c) / (n s (s + eps)^2),
+
+    the Jacobian every example shares, written out (a few elementwise passes instead of one autodiff per example).
+    """
+    w = tf.cast(weights, tf.float32)
+    n = float(np.prod(w.shape))
+    mean, variance = tf.nn.moments(tf.reshape(w, [-1]), axes=[0])
+    std = tf.sqrt(variance)
+    centred = w - mean
+    axes = list(range(1, len(cotangents.shape)))
+    u = tf.cast(cotangents, tf.float32)
+    along = tf.reduce_sum(u * centred, axis=axes, keepdims=True)
+    return ((u - tf.reduce_mean(u, axis=axes, keepdims=True)) / (std + STANDARDIZATION_EPSILON)
+            - centred * along / (n * std * (std + STANDARDIZATION_EPSILON) ** 2))
+
+
 class _SteerableInitializer(tf.keras.initializers.Initializer):
     """escnn's generalised He initialisation of steerable coefficients ``[D, in, F]``: normal with a standard
     deviation per basis element (``steerable.he_init_std``). Built by the layer, never serialised (the layer's
@@ -168,6 +188,17 @@ class _GroupConvBase(BuiltKernelConv2D):
                 name="bias", shape=(self.filters,), initializer=self.bias_initializer, trainable=True
             )
         self._build_expansion()
+        self._expanded_basis = None
+        if not self.base_is_trainable_kernel and self.group.is_exact:
+            # [D, k*k, n_in, |G|]: each trainable weight's (unit) full kernel for one input and one output field.
+            # DP-SGD takes each example's kernel gradient back to the weights with it (weight_gradients_from_kernel).
+            n_in = 1 if self._lifting else self.group.order
+            taps = self.kernel_size * self.kernel_size
+            base = (np.eye(taps * n_in).reshape(-1, taps, n_in) if self._basis is None
+                    else steerable.steerable_basis(self.group, self.kernel_size, self._lifting).base)
+            full = base.reshape(base.shape[0], -1) @ steerable.full_kernels_from_base(
+                self.group, self.kernel_size, self._lifting)
+            self._expanded_basis = tf.constant(full.reshape(-1, taps, n_in, self.group.order), tf.float32)
         self.input_spec = tf.keras.layers.InputSpec(ndim=4, axes={-1: int(in_channels)})
         super().build(input_shape)
 
@@ -200,6 +231,24 @@ class _GroupConvBase(BuiltKernelConv2D):
         base = tf.einsum("dph,dcf->pchf", tf.cast(self._basis, self.compute_dtype), weights)  # [k*k, C, n_in, F]
         in_fields = base.shape[1]
         return tf.reshape(base, self._base_kernel_shape(in_fields * (1 if self._lifting else self.group.order)))
+
+    def weight_gradients_from_kernel(self, kernel_grads):
+        """Per-example gradients of the trainable weights from per-example gradients of the expanded kernel,
+        ``[B, k, k, C * n_in, F * |G|]`` -> ``[(kernel, [B, *kernel.shape])]``, for layers whose weights are not the
+        base kernel itself (steerable coefficients, or standardised weights) over an exact group; None otherwise
+        (the per-example engine then differentiates the expansion per example). One contraction with the expanded
+        basis, then the standardisation's written-out Jacobian: the expansion's transpose and the basis are
+        linear, and every example shares the Jacobian."""
+        if self._expanded_basis is None:
+            return None
+        k, order = self.kernel_size, self.group.order
+        n_in = 1 if self._lifting else order
+        grads = tf.reshape(tf.cast(kernel_grads, tf.float32),
+                           [-1, k * k, self.kernel.shape[1], n_in, self.filters, order])
+        coefficient_grads = tf.einsum("dphg,bpchfg->bdcf", self._expanded_basis, grads)
+        if self.weight_standardization:
+            coefficient_grads = standardization_vjp(self.kernel, coefficient_grads)
+        return [(self.kernel, tf.cast(coefficient_grads, self.kernel.dtype))]
 
     @property
     def base_is_trainable_kernel(self):

@@ -151,7 +151,7 @@ def _null_space(matrix, tol=1e-9):
     return vh[rank:].T
 
 
-def _full_kernels_from_base(group, kernel_size, lifting):
+def full_kernels_from_base(group, kernel_size, lifting):
     """``[k*k * n_in, k*k * n_in * |G|]``: the linear map from a base filter (out orientation e) to the full
     kernel over all output orientations, as the layers expand it (``kernels``). n_in = 1 for lifting, |G| else."""
     taps = kernel_size * kernel_size
@@ -191,7 +191,7 @@ def _steerable_basis(group_name, kernel_size, lifting):
                          f"exactly (C1, C2, C4, D1, D2, D4), got {group.name}")
     taps, order = kernel_size * kernel_size, group.order
     n_in = 1 if lifting else order
-    expand = _full_kernels_from_base(group, kernel_size, lifting)  # base -> full [k*k, n_in, G_out]
+    expand = full_kernels_from_base(group, kernel_size, lifting)  # base -> full [k*k, n_in, G_out]
     q_out, out_slots = regular_change_of_basis(group)
     if lifting:
         q_in, in_slots = np.ones((1, 1)), ((0, 0, 0),)

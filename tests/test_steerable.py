@@ -35,7 +35,7 @@ COUNTS = {("C1", True): 8, ("C1", False): 8, ("C4", True): 8, ("C4", False): 32,
 def full_kernels(name, lifting):
     """[D, k*k * n_in * |G|]: our elements as full kernels (all output orientations), laid out as the reference."""
     basis = steerable.steerable_basis(name, 3, lifting)
-    expand = steerable._full_kernels_from_base(groups.get(name), 3, lifting)
+    expand = steerable.full_kernels_from_base(groups.get(name), 3, lifting)
     return basis.base.reshape(basis.base.shape[0], -1) @ expand
 
 

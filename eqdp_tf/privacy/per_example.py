@@ -214,10 +214,12 @@ def _conv_rule(layer, x, dz, batch, num_views):
     grads = []
     if hasattr(layer, "expanded_kernel"):
         bias = getattr(layer, "bias", None)
-        if hasattr(layer, "weight_gradients_from_kernel"):
-            # The layer writes out its kernel construction's Jacobian (weight standardisation): cheaper than the
-            # generic per-example differentiation below.
-            grads.extend(layer.weight_gradients_from_kernel(kernel_grad))
+        written_out = (layer.weight_gradients_from_kernel(kernel_grad)
+                       if hasattr(layer, "weight_gradients_from_kernel") else None)
+        if written_out is not None:
+            # The layer writes out its kernel construction's Jacobian (weight standardisation, steerable bases):
+            # cheaper than the generic per-example differentiation below.
+            grads.extend(written_out)
         else:
             # Everything but the bias may enter the kernel (a group conv's base filters).
             sources = [v for v in layer.trainable_weights if bias is None or v is not bias]
