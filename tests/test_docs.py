@@ -13,7 +13,7 @@ DOCS = os.path.join(REPO_ROOT, "docs")
 README_MAX_LINES = 150  # issue 41: a README a newcomer reads in five minutes
 
 FENCE = re.compile(r"^```.*?^```[^\n]*$", re.M | re.S)
-INLINE_CODE = re.compile(r"`[^`\n]*`")
+INLINE_CODE = re.compile(r"`[^`]+`")  # as in markdown, a code span may cross a line break
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 HEADING = re.compile(r"^#{1,6} +(.+?) *#*$", re.M)
 SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
