@@ -16,7 +16,8 @@ The paper's regime (issues 12, 26): 2160 steps at the paper's sigma/B, each run 
 paper's (``train.py --simulated_batch_size``), seeds, K = 4 views and a fairly trained WRN-16-4; records in
 ``docs/study/paper_regime/``. Each finished run's ``config.json``, ``privacy.json``, ``metrics.jsonl`` and
 ``machine.jsonl`` (the CPU of each invocation that trained it) are copied into the records; ``report`` reads only
-those (and the side-by-side step times beside them) and rewrites each study's ``RESULTS.md``, plots and README block.
+those (and the side-by-side step times beside them) and rewrites each study's ``RESULTS.md`` and plots, the tables in
+``docs/results.md`` and README's headline table.
 """
 
 import argparse

@@ -10,6 +10,10 @@ from machine import machine_info  # bench/machine.py (bench/ is on the path when
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY_DIR = os.path.join(REPO_ROOT, "docs", "study")
+# Where the reports' generated blocks go: the manual's results page holds the studies' tables and findings, the
+# README the headline table, built from the same records.
+RESULTS_PAGE = os.path.join(REPO_ROOT, "docs", "results.md")
+README = os.path.join(REPO_ROOT, "README.md")
 RECORDS_DIR = os.path.join(STUDY_DIR, "runs")
 # The paper-regime (TAN-simulated) batch keeps its records and report apart from the first study's.
 TAN_DIR = os.path.join(STUDY_DIR, "paper_regime")

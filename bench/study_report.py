@@ -4,9 +4,9 @@ import os
 import sys
 
 from study_plan import MODEL_LABELS
-from study_records import RECORDS_DIR, REPO_ROOT, STUDY_DIR, load_records, summarise
+from study_records import RECORDS_DIR, REPO_ROOT, RESULTS_PAGE, STUDY_DIR, load_records, summarise
 
-README_MARKERS = ("<!-- study-table -->", "<!-- /study-table -->")
+TABLE_MARKERS = ("<!-- study-table -->", "<!-- /study-table -->")  # in RESULTS_PAGE
 
 # Published full-scale private CIFAR-10 results (GPU budgets): (who, model, epsilon, test accuracy %); listed beside
 # ours, never mixed with them.
@@ -114,7 +114,7 @@ def report_first_study():
         "",
     ])
     write_results(STUDY_DIR, text)
-    update_readme(table)
+    update_block(RESULTS_PAGE, table, TABLE_MARKERS)
     paths = _plot(rows)
     print(table)
     print("wrote", os.path.join(STUDY_DIR, "RESULTS.md"), *paths)
@@ -126,15 +126,26 @@ def write_results(folder, text):
         f.write(text)
 
 
-def update_readme(table, markers=README_MARKERS):
-    path = os.path.join(REPO_ROOT, "README.md")
+def update_block(path, text, markers):
+    """Replaces what stands between the two marker lines in the markdown file ``path`` with ``text``."""
     with open(path) as f:
-        text = f.read()
+        page = f.read()
     start, end = markers
-    if start not in text or end not in text:
-        print(f"README.md has no {start} ... {end} markers; table not inserted there")
+    name = os.path.relpath(path, REPO_ROOT)
+    if start not in page or end not in page:
+        print(f"{name} has no {start} ... {end} markers; not inserted there")
         return
-    head, rest = text.split(start, 1)
+    head, rest = page.split(start, 1)
     _, tail = rest.split(end, 1)
     with open(path, "w") as f:
-        f.write(f"{head}{start}\n{table}\n{end}{tail}")
+        f.write(f"{head}{start}\n{text}\n{end}{tail}")
+
+
+def read_block(path, markers):
+    """What stands between the two marker lines in the markdown file ``path``, stripped; None without them."""
+    with open(path) as f:
+        page = f.read()
+    start, end = markers
+    if start not in page or end not in page:
+        return None
+    return page.split(start, 1)[1].split(end, 1)[0].strip()

@@ -20,6 +20,7 @@ STEP_TIMES_FILE = "step_times.json"  # python bench/benchmark.py ... --json <TAN
 BENCHMARK_MODELS = {"eq_d4d2": "eq_resnet9_d4d2", "cnn_c1": "eq_resnet9_c1", "wrn16_4_ws": "wrn16_4",
                     "eq_d4d2_official": "eq_resnet9_d4d2_official", "cnn_c1_official": "eq_resnet9_c1_official"}
 FRACTIONS = (0.25, 0.5, 1.0)
+HEADLINE_EPSILONS = (8, 2, 1, None)  # the headline table's columns: simulated epsilon, None for sigma = 0
 
 
 def recipe(config):
@@ -243,3 +244,34 @@ def time_table(rows, target):
           f"{r['views_per_step']:,}", _fmt(r["full_run_hours"], "{:.0f} h"),
           _fmt(r["reach_step"], "{:.0f}", not_reached), reached(r["reach_hours"], r),
           reached(r["reach_hours_nonprivate_step"], r)] for r in rows])
+
+
+def _headline_cell(c):
+    if c is None:
+        return "–"
+    seeds = f"{c['min']:.1f}–{c['max']:.1f}, {c['n']} seeds" if c["n"] > 1 else "1 seed"
+    return f"{c['mean']:.1f}% ({seeds})"
+
+
+def headline_table(configs):
+    """The README's results: one row per model of the paper's comparison (the paper's recipe at the study's batch,
+    K = 1) and the fair WRN-16-4, mean and min-max over seeds per simulated epsilon. The fair WRN's recipe sets its
+    own epsilon: it stands in the nearest column, which says its epsilon when it rounds to another."""
+    columns = ["simulated ε = 8" if eps == 8 else "no noise (σ = 0)" if eps is None else f"ε = {eps}"
+               for eps in HEADLINE_EPSILONS]
+    rows = []
+    for model in ("eq_d4d2", "cnn_c1"):
+        found = {eps: configs.get((model, PAPER_RECIPE, eps, TAN_BATCH, 1)) for eps in HEADLINE_EPSILONS}
+        if any(found.values()):
+            parameters = next(c for c in found.values() if c)["parameters"]
+            rows.append([MODEL_LABELS[model], f"{parameters:,}", *map(_headline_cell, found.values())])
+    fair = fair_wrn_key(configs)
+    if fair is not None:
+        c = configs[fair]
+        column = min((i for i, eps in enumerate(HEADLINE_EPSILONS) if eps is not None),
+                     key=lambda i: abs(HEADLINE_EPSILONS[i] - c["simulated_epsilon"]))
+        cells = ["–"] * len(HEADLINE_EPSILONS)
+        cells[column] = _headline_cell(c) + ("" if round(c["simulated_epsilon"]) == HEADLINE_EPSILONS[column] else
+                                             f" at ε = {c['simulated_epsilon']:.2f}")
+        rows.append([f"{MODEL_LABELS[fair[0]]}, its authors' recipe", f"{c['parameters']:,}", *cells])
+    return markdown(["model", "parameters", *columns], rows)

@@ -1,5 +1,5 @@
-"""The results studies' runs, records and reports (bench/study*.py): README's tables are what the committed records
-say."""
+"""The results studies' runs, records and reports (bench/study*.py): the tables of the results page (docs/results.md)
+and README's headline table are what the committed records say."""
 
 import importlib
 import json
@@ -76,17 +76,15 @@ def test_every_study_run_shares_the_view_budget(study_plan):
     assert len(budgets) == 1
 
 
-def test_readme_table_matches_committed_records(study_plan, study_records, study_report):
+def test_results_page_table_matches_committed_records(study_plan, study_records, study_report):
     records = study_records.load_records()
-    with open(os.path.join(REPO_ROOT, "README.md")) as f:
-        readme = f.read()
-    start, end = study_report.README_MARKERS
-    block = readme.split(start, 1)[1].split(end, 1)[0].strip()
+    block = study_report.read_block(study_records.RESULTS_PAGE, study_report.TABLE_MARKERS)
+    assert block is not None, f"{study_records.RESULTS_PAGE} lost its {study_report.TABLE_MARKERS} markers"
     # A table without the records behind it could not be regenerated (e.g. records left out of a commit).
-    assert records or not block, f"README has a study table but {study_records.RECORDS_DIR} holds no run records"
+    assert records or not block, f"the results page has a study table but {study_records.RECORDS_DIR} is empty"
     rows = [study_records.summarise(name, record) for name, record in records.items()]
     rows.sort(key=study_report.row_order)
-    assert block == study_report._table(rows), "README study table is stale: run python bench/study.py report"
+    assert block == study_report._table(rows), "the first study's table is stale: run python bench/study.py report"
     for name, record in records.items():
         # Every committed run finished its budget, and its privacy.json is the run's final one.
         steps = int(dict(f[2:].split("=", 1) for f in study_plan.run_flags(name))["steps"])
@@ -246,17 +244,40 @@ def test_time_to_accuracy_reads_the_curves_and_the_side_by_side_step_times(study
     assert "non-private step time" not in findings
 
 
-def test_readme_paper_regime_tables_match_committed_records(study_records, study_tan_report, study_tan_tables):
+def test_headline_table_shows_each_model_per_simulated_epsilon_with_its_seed_spread(study_tan_report,
+                                                                                    study_tan_tables):
+    records = {"tan_eq_d4d2_eps8": _tan_record("eq_d4d2", accuracy=0.790),
+               "tan_eq_d4d2_eps8_s1": _tan_record("eq_d4d2", accuracy=0.794, seed=1),
+               "tan_eq_d4d2_eps1": _tan_record("eq_d4d2", epsilon=1, accuracy=0.56),
+               "tan_cnn_c1_eps8": _tan_record(accuracy=0.76),
+               "tan_cnn_c1_sigma0": _tan_record(epsilon=None, accuracy=0.78),
+               # another batch: in the full tables only
+               "tan_eq_d4d2_eps8_b64": _tan_record("eq_d4d2", batch=64, accuracy=0.70),
+               "tan_wrn16_4_ws_tan_b128": _tan_record("wrn16_4_ws", epsilon=7.1, batch=128, accuracy=0.73,
+                                                      recipe=TAN_WRN, simulated_batch=4096)}
+    headline = _build(study_tan_report, records).headline
+    rows = [line for line in headline.splitlines() if line.startswith("| ")][1:]
+    assert rows == [
+        "| Equivariant ResNet-9 (D4→D2) | 287,413 | 79.2% (79.0–79.4, 2 seeds) | – | 56.0% (1 seed) | – |",
+        "| ResNet-9, trivial group (ordinary CNN) | 229,784 | 76.0% (1 seed) | – | – | 78.0% (1 seed) |",
+        "| WRN-16-4 (weight-standardised), its authors' recipe | 2,753,402 | 73.0% (1 seed) at ε = 7.10 "
+        "| – | – | – |"]
+    assert "TAN-simulated" in headline and "B = 128 standing for 4096" in headline
+
+
+def test_results_page_and_readme_match_committed_paper_regime_records(study_records, study_report, study_tan_report,
+                                                                      study_tan_tables):
     records = study_records.load_records(study_records.TAN_RECORDS_DIR)
-    with open(os.path.join(REPO_ROOT, "README.md")) as f:
-        readme = f.read()
-    blocks = [readme.split(start, 1)[1].split(end, 1)[0].strip()
-              for start, end in (study_tan_report.TAN_TABLE_MARKERS, study_tan_report.TAN_FINDINGS_MARKERS)]
     assert records, f"{study_records.TAN_RECORDS_DIR} has no records"
-    tables_text, findings = study_tan_report.build(records, study_tan_tables.load_step_times(study_records.TAN_DIR))[:2]
+    report = study_tan_report.build(records, study_tan_tables.load_step_times(study_records.TAN_DIR))
     stale = "is stale: run python bench/study.py report"
-    assert blocks[0] == tables_text, f"README paper-regime tables {stale}"
-    assert blocks[1] == findings, f"README findings {stale}"
+    for path, markers, generated, what in (
+            (study_records.RESULTS_PAGE, study_tan_report.TAN_TABLE_MARKERS, report.tables, "paper-regime tables"),
+            (study_records.RESULTS_PAGE, study_tan_report.TAN_FINDINGS_MARKERS, report.findings, "findings"),
+            (study_records.README, study_tan_report.HEADLINE_MARKERS, report.headline, "headline table")):
+        block = study_report.read_block(path, markers)
+        assert block is not None, f"{path} lost its {markers} markers"
+        assert block == generated, f"{os.path.basename(path)}'s {what} {stale}"
     for name, record in records.items():
         config, simulated = record["config"], record["privacy"]["simulated_run"]
         assert record["metrics"][-1]["step"] == config["steps"]
