@@ -39,12 +39,18 @@ ABLATIONS = {
     "dense_basis": ["--conv_basis=dense"],
     "ema1": ["--ema_updates_per_step=1"],
 }
+def _replacing(flags, changes):
+    """``flags`` with ``changes`` in place of the flags of the same name, the others appended (each flag once)."""
+    names = {change.split("=", 1)[0] for change in changes}
+    return [flag for flag in flags if flag.split("=", 1)[0] not in names] + list(changes)
+
+
 MODEL_LABELS = {
-    "eq_d4d2": "Equivariant ResNet-9 (D4→D2)",
-    "cnn_c1": "ResNet-9, trivial group (ordinary CNN)",
+    "eq_d4d2": "Equivariant ResNet-9 (D4→D2), dense variant",
+    "cnn_c1": "ResNet-9, trivial group (ordinary CNN), dense variant",
     "wrn16_4": "WRN-16-4",
     "wrn16_4_ws": "WRN-16-4 (weight-standardised)",
-    "eq_c4": "Equivariant ResNet-9 (C4)",
+    "eq_c4": "Equivariant ResNet-9 (C4), dense variant",
     "eq_d4d2_official": "Official Equivariant ResNet-9 (D4→D2)",
     "cnn_c1_official": "Official ResNet-9, trivial group (ordinary CNN)",
     "eq_d4d2_official_no_ws": "Official D4→D2 without weight standardisation",
@@ -187,7 +193,7 @@ TAN_BATCHES = {
         f"tan_off_eq_d4d2_eps8_s{seed}": MODELS["eq_d4d2_official"] + _tan(TAN_BATCH, 8, seed=seed) for seed in (1, 2)
     },
     "r4_ablation": {
-        f"tan_off_eq_d4d2_{name}_eps8": MODELS["eq_d4d2_official"] + flags + _tan(TAN_BATCH, 8)
+        f"tan_off_eq_d4d2_{name}_eps8": _replacing(MODELS["eq_d4d2_official"], flags) + _tan(TAN_BATCH, 8)
         for name, flags in ABLATIONS.items()
     },
     "r4_eps1": {

@@ -202,7 +202,7 @@ def test_the_fair_wrn_is_compared_the_untuned_one_only_listed(study_tan_report, 
     fair = study_tan_tables.fair_wrn_key(configs)
     assert fair == ("wrn16_4_ws", "lr 4, C = 1, EMA 0.9999, 2500 steps", 7, 128, 1)
     comps = {c["what"]: c for c in study_tan_tables.comparisons(configs)}
-    assert comps["Equivariant ResNet-9 (D4→D2) (ε 8) vs WRN-16-4 with its authors' recipe"]["delta"] == 9.0
+    assert comps["Equivariant ResNet-9 (D4→D2), dense variant (ε 8) vs WRN-16-4 with its authors' recipe"]["delta"] == 9.0
     findings = _build(study_tan_report, records)[1]
     assert "reached 70.0%: the equivariant model at simulated ε = 8 beats it by 9.0 points" in findings
     assert "55.8" not in findings
@@ -258,8 +258,8 @@ def test_headline_table_shows_each_model_per_simulated_epsilon_with_its_seed_spr
     headline = _build(study_tan_report, records).headline
     rows = [line for line in headline.splitlines() if line.startswith("| ")][1:]
     assert rows == [
-        "| Equivariant ResNet-9 (D4→D2) | 287,413 | 79.2% (79.0–79.4, 2 seeds) | – | 56.0% (1 seed) | – |",
-        "| ResNet-9, trivial group (ordinary CNN) | 229,784 | 76.0% (1 seed) | – | – | 78.0% (1 seed) |",
+        "| Equivariant ResNet-9 (D4→D2), dense variant | 287,413 | 79.2% (79.0–79.4, 2 seeds) | – | 56.0% (1 seed) | – |",
+        "| ResNet-9, trivial group (ordinary CNN), dense variant | 229,784 | 76.0% (1 seed) | – | – | 78.0% (1 seed) |",
         "| WRN-16-4 (weight-standardised), its authors' recipe | 2,753,402 | 73.0% (1 seed) at ε = 7.10 "
         "| – | – | – |"]
     assert "TAN-simulated" in headline and "B = 128 standing for 4096" in headline
