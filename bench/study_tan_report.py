@@ -111,7 +111,43 @@ def findings(configs, comps, published_rows, time_rows, target):
                           + ("" if None in plain else
                              f" At each model's non-private step time (without what our DP step adds to each "
                              f"model), {plain[0]:.0f} against {plain[1]:.0f} CPU-hours ({_saving(*plain)})."))
+    paragraphs += round4_findings(configs, by_what)
     return "\n\n".join(paragraphs)
+
+
+def round4_findings(configs, by_what):
+    """Round 4 (issue 39), from the tables: the official model against the state of the art, against the ordinary
+    CNN trained alike, and what each of its ingredients brings."""
+    eq = "eq_d4d2_official"
+    paragraphs = []
+    headline = configs.get((eq, tables.PAPER_RECIPE, 8, TAN_BATCH, 1))
+    if headline is not None:
+        sota = [(who, model, acc) for who, model, eps, acc in PUBLISHED if eps == 8 and model != "WRN-16-4"]
+        paragraphs.append(
+            f"**Round 4, the official model** (the official code's D4→D2 Equivariant ResNet-9, TAN-simulated): "
+            f"{headline['mean']:.1f}% at simulated ε = 8 ({headline['n']} seed{'s' if headline['n'] > 1 else ''}"
+            + (f", {headline['min']:.1f}–{headline['max']:.1f}" if headline["n"] > 1 else "") + "), "
+            + ", ".join(f"{'reaching' if headline['mean'] >= acc else 'short of'} {who}'s {acc:.1f}% ({model})"
+                        for who, model, acc in sota) + ".")
+    reproduction = [(eps, acc) for who, model, eps, acc in PUBLISHED if model == "WRN-16-4"]
+    against = [f"ε = {eps}: {c['mean']:.1f}% against {acc:.2f}% ({tables._points(c['mean'], acc):+.1f})"
+               for eps, acc in reproduction for c in [configs.get((eq, tables.PAPER_RECIPE, eps, TAN_BATCH, 1))] if c]
+    if against:
+        paragraphs.append("Against De et al.'s WRN-16-4 recipe as re-run by Bao & Bindschaedler (full scale, "
+                          "3 seeds): " + "; ".join(against) + ".")
+    versus = [f"at simulated ε = {eps} it {_lead(c, 'the official ordinary CNN')}" for eps in (8, 2, 1)
+              for c in [by_what.get(f"official: equivariant vs ordinary CNN, simulated ε = {eps}")] if c]
+    if versus:
+        paragraphs.append("Trained alike (the same basis, standardisation, norm rule and EMA over the trivial "
+                          "group), the official equivariant model: " + "; ".join(versus) + ".")
+    ablations = sorted((c for what, c in by_what.items() if what.startswith("ablation: ")),
+                       key=lambda c: -abs(c["delta"]))
+    if ablations:
+        paragraphs.append("**Which ingredient matters** (the official D4→D2 at simulated ε = 8 minus the same model "
+                          "with one ingredient reverted; one seed each unless said): " + "; ".join(
+                              f"{MODEL_LABELS[c['b']['key'][0]]}: {c['delta']:+.1f} points ({_verdict(c)})"
+                              for c in ablations) + f". The largest: {MODEL_LABELS[ablations[0]['b']['key'][0]]}.")
+    return paragraphs
 
 
 def _saving(ours, theirs):

@@ -12,7 +12,7 @@ of the models side by side on one CPU). ``study_tan_report.py`` writes them out 
 import json
 import os
 
-from study_plan import MODEL_LABELS, TAN_BATCH
+from study_plan import ABLATIONS, MODEL_LABELS, TAN_BATCH
 from study_report import PUBLISHED, markdown
 
 PAPER_RECIPE = "paper"  # SGD lr 2, C = 2, EMA 0.999, 2160 steps: every run but WRN-16-4's with its authors' recipe
@@ -89,6 +89,26 @@ def _wanted(fair_wrn):
     wanted.append(("equivariant D4→D2 vs C4, ε 8", eq, (eq, p, 8, TAN_BATCH, 1), ("eq_c4", p, 8, TAN_BATCH, 1)))
     wanted += [(f"TAN scaling check: ordinary CNN at B = {b} vs B = {TAN_BATCH}, ε 8", cnn, (cnn, p, 8, b, 1),
                 (cnn, p, 8, TAN_BATCH, 1)) for b in (128, 512, 64)]
+    return wanted + _wanted_round4(fair_wrn)
+
+
+def _wanted_round4(fair_wrn):
+    """Round 4 (issue 39): the official models against each other, against their dense variants and the fair
+    WRN-16-4, and the official D4->D2 against itself with one ingredient reverted (what the ingredient brings)."""
+    eq, cnn, p = "eq_d4d2_official", "cnn_c1_official", PAPER_RECIPE
+
+    def at(model, eps):
+        return (model, p, eps, TAN_BATCH, 1)
+
+    wanted = [(f"official: equivariant vs ordinary CNN, {'σ = 0' if e is None else f'simulated ε = {e}'}", eq,
+               at(eq, e), at(cnn, e)) for e in (8, 2, 1, None)]
+    wanted += [(f"{MODEL_LABELS[official]} vs its dense variant, ε {e}", official, at(official, e), at(dense, e))
+               for official, dense in ((eq, "eq_d4d2"), (cnn, "cnn_c1")) for e in (8, 1)]
+    if fair_wrn is not None:
+        wanted += [(f"{MODEL_LABELS[m]} (ε 8) vs WRN-16-4 with its authors' recipe", m, at(m, 8), fair_wrn)
+                   for m in (eq, cnn)]
+    wanted += [(f"ablation: official D4→D2 vs {MODEL_LABELS[f'{eq}_{name}']}, ε 8", eq, at(eq, 8),
+                at(f"{eq}_{name}", 8)) for name in ABLATIONS]
     return wanted
 
 

@@ -345,3 +345,45 @@ def test_a_wrn_record_counts_the_parameters_of_the_model_it_trained(study_record
     assert study_records._parameter_count(old) == 2_748_890
     assert study_records._parameter_count(dict(old, wrn_weight_standardization=True)) == 2_753_402
     assert study_records._parameter_count(dict(old, wrn_weight_standardization=False)) == 2_748_890
+
+
+OFFICIAL = {"model_variant": "official", "conv_basis": "steerable", "conv_weight_standardization": True,
+            "norm_group_rule": "official", "ema_updates_per_step": 16}
+
+
+def _official_record(model, **kwargs):
+    record = _tan_record(model, **kwargs)
+    record["config"].update(OFFICIAL)
+    return record
+
+
+def test_round4_official_models_ablations_and_their_comparisons(study_tan_report, study_tan_tables):
+    """Round 4 (issue 39): official runs are models of their own, an ablation is named by what it reverts, and the
+    comparisons pair them with the official ordinary CNN, their dense variants and the ablated model."""
+    no_ws = _official_record("eq_d4d2", accuracy=0.78)
+    no_ws["config"]["conv_weight_standardization"] = False
+    records = {"tan_eq_d4d2_eps8": _tan_record("eq_d4d2", accuracy=0.79),  # dense: its config has no variant keys
+               "tan_off_eq_d4d2_eps8": _official_record("eq_d4d2", accuracy=0.81),
+               "tan_off_eq_d4d2_eps8_s1": _official_record("eq_d4d2", accuracy=0.80, seed=1),
+               "tan_off_cnn_c1_eps8": _official_record("cnn_c1", accuracy=0.77),
+               "tan_off_eq_d4d2_no_ws_eps8": no_ws}
+    configs = _configs(study_tan_report, study_tan_tables, records)
+    assert {key[0] for key in configs} == {"eq_d4d2", "eq_d4d2_official", "cnn_c1_official",
+                                           "eq_d4d2_official_no_ws"}
+    assert configs[("eq_d4d2_official", "paper", 8, 256, 1)]["n"] == 2
+    comps = {c["what"]: c for c in study_tan_tables.comparisons(configs)}
+    assert comps["official: equivariant vs ordinary CNN, simulated ε = 8"]["delta"] == 3.5  # 80.5 - 77.0
+    assert comps["Official Equivariant ResNet-9 (D4→D2) vs its dense variant, ε 8"]["delta"] == 1.5
+    ablation = comps["ablation: official D4→D2 vs Official D4→D2 without weight standardisation, ε 8"]
+    assert ablation["delta"] == 2.5 and ablation["one_sided"]
+    tables_text = _build(study_tan_report, records)[0]
+    assert "Official D4→D2 without weight standardisation" in tables_text
+    findings = _build(study_tan_report, records)[1]
+    assert "**Round 4, the official model**" in findings and "80.5% at simulated ε = 8 (2 seeds, 80.0–81.0)" in findings
+    assert "short of De et al. 2022's 81.4% (WRN-40-4)" in findings
+    assert "ε = 8: 80.5% against 78.74% (+1.8)" in findings
+    assert "at simulated ε = 8 it beats the official ordinary CNN by 3.5 points" in findings
+    assert "The largest: Official D4→D2 without weight standardisation." in findings
+    numbers = set(re.findall(r"\d+\.\d", tables_text))
+    for number in re.findall(r"\d+\.\d", findings):
+        assert number in numbers, f"{number} in the findings is in no table"
