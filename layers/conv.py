@@ -30,7 +30,7 @@ import tensorflow as tf
 from layers import groups as groups_lib
 from layers import kernels
 from layers import steerable
-from layers.kernel_conv import BuiltKernelConv2D, padding_mode, positive_int
+from layers.kernel_conv import BuiltKernelConv2D, odd_kernel_size, padding_mode, positive_int
 
 BASES = ("dense", "steerable")
 # The fork's standardisation: (w - mean) / (std + 1e-5), std the population standard deviation.
@@ -43,7 +43,7 @@ def standardize_layer(weights):
     return (weights - mean) / (tf.sqrt(variance) + STANDARDIZATION_EPSILON)
 
 
-class _SteerableInitializer(tf.keras.initializers.Initializer):
+class SteerableInitializer(tf.keras.initializers.Initializer):
     """escnn's generalised He initialisation of steerable coefficients ``[D, in, F]``: normal with a standard
     deviation per basis element (``steerable.he_init_std``). Built by the layer, never serialised (the layer's
     config says ``kernel_initializer=None``, which rebuilds it)."""
@@ -54,16 +54,6 @@ class _SteerableInitializer(tf.keras.initializers.Initializer):
     def __call__(self, shape, dtype=None, **kwargs):
         std = tf.reshape(tf.constant(self.std), [-1] + [1] * (len(shape) - 1))
         return tf.random.normal(shape, dtype=dtype or tf.float32) * tf.cast(std, dtype or tf.float32)
-
-
-def _normalize_kernel_size(kernel_size):
-    kernel_size = positive_int("kernel_size", kernel_size)
-    if kernel_size % 2 == 0:
-        raise ValueError(
-            f"kernel_size must be odd, got {kernel_size}: an even filter has no centre pixel, so rotating "
-            "it about the grid moves it off the pixel lattice"
-        )
-    return kernel_size
 
 
 class _GroupConvBase(BuiltKernelConv2D):
@@ -88,7 +78,7 @@ class _GroupConvBase(BuiltKernelConv2D):
         if isinstance(filters, bool) or not isinstance(filters, (int, np.integer)) or filters < 1:
             raise ValueError(f"filters (number of output fields) must be a positive int, got {filters!r}")
         self.filters = int(filters)
-        self.kernel_size = _normalize_kernel_size(kernel_size)
+        self.kernel_size = odd_kernel_size(kernel_size)
         self.group = groups_lib.get(group)
         self.strides = positive_int("strides", strides)
         self.padding = padding_mode(padding)
@@ -150,7 +140,7 @@ class _GroupConvBase(BuiltKernelConv2D):
             self.kernel = self.add_weight(
                 name="coefficients",
                 shape=(basis.base.shape[0], in_fields, self.filters),
-                initializer=self.kernel_initializer or _SteerableInitializer(steerable.he_init_std(basis, in_fields)),
+                initializer=self.kernel_initializer or SteerableInitializer(steerable.he_init_std(basis, in_fields)),
                 trainable=True,
             )
         else:

@@ -18,6 +18,17 @@ def positive_int(name, value):
     return int(value)
 
 
+def odd_kernel_size(kernel_size):
+    """``kernel_size`` as a positive odd int: the filter of a rotation-equivariant conv needs a centre pixel."""
+    kernel_size = positive_int("kernel_size", kernel_size)
+    if kernel_size % 2 == 0:
+        raise ValueError(
+            f"kernel_size must be odd, got {kernel_size}: an even filter has no centre pixel, so rotating "
+            "it about the grid moves it off the pixel lattice"
+        )
+    return kernel_size
+
+
 def padding_mode(value):
     """'same' or 'valid' (any case), as the built kernel's plain convolution takes it."""
     padding = str(value).lower()
