@@ -4,6 +4,7 @@ finite group (|G| channels each) or band-limited SO(2) fields (2L + 1 channels e
 import tensorflow as tf
 
 from layers import groups as groups_lib
+from layers import so2
 
 
 def fields_of_size(layer_name, input_shape, size, what=None):
@@ -16,6 +17,12 @@ def fields_of_size(layer_name, input_shape, size, what=None):
     if int(channels) % size:
         raise ValueError(f"{layer_name}: input has {int(channels)} channels, not a multiple of {what or size}")
     return int(channels) // size
+
+
+def band_limited_fields_in(layer_name, input_shape, frequency):
+    """Number of band-limited SO(2) fields of maximum ``frequency`` (2L + 1 channels each) in ``input_shape``."""
+    size = so2.field_size(frequency)
+    return fields_of_size(layer_name, input_shape, size, f"2L + 1 = {size}")
 
 
 def fields_in(layer_name, input_shape, group):

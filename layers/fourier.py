@@ -27,9 +27,8 @@ class FourierELU(tf.keras.layers.Layer):
         self._to_coefficients = a_inv.T.astype("float32")  # [N, 2L+1]
 
     def build(self, input_shape):
-        size = so2.field_size(self.frequency)
-        fields = _fields.fields_of_size(self.name, input_shape, size, f"2L + 1 = {size}")
-        self.input_spec = tf.keras.layers.InputSpec(min_ndim=2, axes={-1: fields * size})
+        fields = _fields.band_limited_fields_in(self.name, input_shape, self.frequency)
+        self.input_spec = tf.keras.layers.InputSpec(min_ndim=2, axes={-1: fields * so2.field_size(self.frequency)})
         super().build(input_shape)
 
     def call(self, inputs):

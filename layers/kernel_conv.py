@@ -48,6 +48,30 @@ class BuiltKernelConv2D(tf.keras.layers.Layer):
     def output_channels(self):
         raise NotImplementedError
 
+    def _set_filter_options(self, filters, kernel_size, padding, use_bias, kernel_initializer, bias_initializer):
+        """Checks and keeps the arguments every equivariant conv takes (``filters`` output fields, an odd square
+        kernel; ``kernel_initializer`` None: the basis's own initialisation)."""
+        if isinstance(filters, bool) or not isinstance(filters, (int, np.integer)) or filters < 1:
+            raise ValueError(f"filters (number of output fields) must be a positive int, got {filters!r}")
+        self.filters = int(filters)
+        self.kernel_size = odd_kernel_size(kernel_size)
+        self.padding = padding_mode(padding)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = None if kernel_initializer is None else tf.keras.initializers.get(kernel_initializer)
+        self.bias_initializer = tf.keras.initializers.get(bias_initializer)
+
+    def _filter_options_config(self):
+        """The config of the arguments ``_set_filter_options`` keeps."""
+        return {
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "padding": self.padding,
+            "use_bias": self.use_bias,
+            "kernel_initializer": (None if self.kernel_initializer is None
+                                   else tf.keras.initializers.serialize(self.kernel_initializer)),
+            "bias_initializer": tf.keras.initializers.serialize(self.bias_initializer),
+        }
+
     def call(self, inputs):
         # TF's 'SAME' pads (k-1)/2 on each side for an odd kernel at stride 1, and for the strided grids the group
         # convolutions admit; explicit paddings would be equivalent but break the Conv2DBackpropFilter fallback

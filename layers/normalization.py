@@ -160,7 +160,7 @@ class BandLimitedGroupNormalization(_FieldGroupNorm):
         return so2.field_size(self.frequency)
 
     def _field_name(self):
-        return f"2L + 1 = {self._field_size()}"
+        return f"2L + 1 = {self._field_size()}"  # as _fields.band_limited_fields_in says it
 
     def call(self, inputs):
         split = self._split(inputs)

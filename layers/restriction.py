@@ -74,9 +74,7 @@ class RestrictBandLimitedToTrivial(tf.keras.layers.Layer):
         self.frequency = so2.check_frequency(frequency)
 
     def build(self, input_shape):
-        size = so2.field_size(self.frequency)
-        fields = _fields.fields_of_size(self.name, input_shape, size, f"2L + 1 = {size}")
-        self.input_spec = tf.keras.layers.InputSpec(min_ndim=2, axes={-1: fields * size})
+        _fields.band_limited_fields_in(self.name, input_shape, self.frequency)  # checks the channel count
         super().build(input_shape)
 
     def call(self, inputs):

@@ -13,7 +13,6 @@ Rotations by multiples of 90 degrees map the 3x3 grid onto itself and the kernel
 for other angles the sampled harmonics are only approximately so (tests/test_so2_layers.py measures the error).
 """
 
-import numpy as np
 import tensorflow as tf
 
 from layers import _fields
@@ -21,7 +20,7 @@ from layers import so2
 from layers import steerable
 from layers import steerable_so2
 from layers.conv import SteerableInitializer, standardize_layer
-from layers.kernel_conv import BuiltKernelConv2D, odd_kernel_size, padding_mode
+from layers.kernel_conv import BuiltKernelConv2D
 
 
 @tf.keras.utils.register_keras_serializable(package="eqdp")
@@ -37,23 +36,16 @@ class BandLimitedConv2D(BuiltKernelConv2D):
     def __init__(self, filters, kernel_size=3, frequency=1, input_frequency=None, padding="same", use_bias=True,
                  kernel_initializer=None, bias_initializer="zeros", weight_standardization=False, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(filters, bool) or not isinstance(filters, (int, np.integer)) or filters < 1:
-            raise ValueError(f"filters (number of output fields) must be a positive int, got {filters!r}")
-        self.filters = int(filters)
-        self.kernel_size = odd_kernel_size(kernel_size)
+        self._set_filter_options(filters, kernel_size, padding, use_bias, kernel_initializer, bias_initializer)
         self.frequency = so2.check_frequency(frequency)
         self.input_frequency = self.frequency if input_frequency is None else so2.check_frequency(
             input_frequency, "input_frequency")
-        self.padding = padding_mode(padding)
-        self.use_bias = bool(use_bias)
         self.weight_standardization = bool(weight_standardization)
-        self.kernel_initializer = None if kernel_initializer is None else tf.keras.initializers.get(kernel_initializer)
-        self.bias_initializer = tf.keras.initializers.get(bias_initializer)
         self.input_spec = tf.keras.layers.InputSpec(ndim=4)
 
     def build(self, input_shape):
+        in_fields = _fields.band_limited_fields_in(self.name, input_shape, self.input_frequency)
         in_size = so2.field_size(self.input_frequency)
-        in_fields = _fields.fields_of_size(self.name, input_shape, in_size, f"2 L_in + 1 = {in_size}")
         basis = steerable_so2.so2_steerable_basis(self.input_frequency, self.frequency, self.kernel_size)
         self._basis = tf.constant(basis.base, tf.float32)  # [D, k*k, d_in, d_out]
         self.kernel = self.add_weight(
@@ -96,14 +88,8 @@ class BandLimitedConv2D(BuiltKernelConv2D):
     def get_config(self):
         return {
             **super().get_config(),
-            "filters": self.filters,
-            "kernel_size": self.kernel_size,
+            **self._filter_options_config(),
             "frequency": self.frequency,
             "input_frequency": self.input_frequency,
-            "padding": self.padding,
-            "use_bias": self.use_bias,
-            "kernel_initializer": (None if self.kernel_initializer is None
-                                   else tf.keras.initializers.serialize(self.kernel_initializer)),
-            "bias_initializer": tf.keras.initializers.serialize(self.bias_initializer),
             "weight_standardization": self.weight_standardization,
         }

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import layers
-from conftest import CIFAR10_DIR, needs_cifar10
+from conftest import CIFAR10_DIR, needs_cifar10, reference_script
 from eqdp_tf import data as data_lib
 from eqdp_tf import models
 from eqdp_tf.config import TrainConfig
@@ -62,15 +62,11 @@ def test_conv_counts_are_escnns_where_installed(so2_models):
     """escnn's R2Conv between the same field types has as many weights and biases as each of our convolutions."""
     pytest.importorskip("torch")
     pytest.importorskip("escnn")
-    import importlib.util
     import warnings
 
     from escnn import gspaces, nn
 
-    path = os.path.join(os.path.dirname(__file__), "reference", "make_escnn_so2_reference.py")
-    spec = importlib.util.spec_from_file_location("make_escnn_so2_reference", path)
-    reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference)
+    reference = reference_script("make_escnn_so2_reference")
     trivial = gspaces.rot2dOnR2(1)
     for frequency in (1, 2):
         model = so2_models[frequency]

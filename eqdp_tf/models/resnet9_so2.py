@@ -75,27 +75,13 @@ class _SO2Builder(Builder):
         return self.so2_norm(x, fields, f"{name}_norm")
 
 
-def so2_resnet9(
-    frequency=1,
-    restrict=SO2_RESTRICTION,
-    head="paper",
-    layout=PAPER_LAYOUT,
-    norm_groups=8,
-    num_classes=10,
-    image_shape=(32, 32, 3),
-    dtype=None,
-    name=None,
-    variant="official",
-    basis=None,
-    weight_standardization=None,
-    norm_rule=None,
-    bias_scale=None,
-    head_init=None,
-    norm_centering="all",
-):
-    """Builds the Keras functional model (raw pixels in, logits out); arguments as ``resnet9.equivariant_resnet9``,
-    plus ``frequency`` (the fields' maximum frequency L >= 1) and ``norm_centering`` (module doc). ``restrict`` must
-    be 'C1' and the basis steerable: the official code builds nothing else for SO(2)."""
+def so2_resnet9(frequency=1, restrict=SO2_RESTRICTION, head="paper", layout=PAPER_LAYOUT, norm_groups=8,
+                num_classes=10, image_shape=(32, 32, 3), dtype=None, name=None, variant="official",
+                norm_centering="all", **overrides):
+    """Builds the Keras functional model (raw pixels in, logits out); arguments as ``resnet9.equivariant_resnet9``
+    (``overrides``: its basis, weight_standardization, norm_rule, bias_scale, head_init), plus ``frequency`` (the
+    fields' maximum frequency L >= 1) and ``norm_centering`` (module doc). ``restrict`` must be 'C1' and the basis
+    steerable: the official code builds nothing else for SO(2)."""
     if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
         raise ValueError(f"frequency (the SO(2) fields' maximum frequency L) must be an int >= 1, got {frequency!r}")
     restricted = restricted_group(restrict)
@@ -105,8 +91,7 @@ def so2_resnet9(
     if norm_centering not in SO2_NORM_CENTERINGS:
         raise ValueError(f"norm_centering must be one of {SO2_NORM_CENTERINGS}, got {norm_centering!r}")
     check_shape(head, layout, image_shape)
-    options = variant_options(variant, basis=basis, weight_standardization=weight_standardization,
-                              norm_rule=norm_rule, bias_scale=bias_scale, head_init=head_init)
+    options = variant_options(variant, **overrides)
     if options["basis"] != "steerable":
         raise ValueError(f"SO(2) fields have only the steerable basis, got basis={options['basis']!r}")
     f1, f2 = so2_stage_fields(layout[0], frequency), so2_stage_fields(layout[1], frequency)
