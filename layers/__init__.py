@@ -3,7 +3,8 @@ fields (convolution, Fourier ELU, anti-aliased pooling, disc mask); and the weig
 WRN baseline.
 
 Usable on their own; this package imports only TensorFlow and numpy. Channel layout everywhere:
-``F`` regular fields over G are ``F*|G|`` channels, channel ``c*|G| + g`` = field c, orientation g.
+``F`` regular fields over G are ``F*|G|`` channels, channel ``c*|G| + g`` = field c, orientation g; ``F``
+band-limited SO(2) fields of maximum frequency L are ``F*(2L+1)`` channels, field-major too (``layers.so2``).
 """
 
 # First: Keras 2 as tf.keras (and TF-Privacy's import) on TensorFlow 2.16+, before anything imports TensorFlow.

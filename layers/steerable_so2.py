@@ -22,6 +22,7 @@ Imports numpy only.
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -88,14 +89,13 @@ def _pair_elements(kernel_size, radius, width, m, n):
     return out
 
 
-class SO2Basis:
+class SO2Basis(NamedTuple):
     """``base``: ``[D, k*k, d_in, d_out]``, element d as the kernel between one input field (2 L_in + 1 channels)
     and one output field (2 L_out + 1). ``blocks``: per element (input irrep, output irrep, output slot, radius,
     frequency), the layout ``steerable.he_init_std`` reads."""
 
-    def __init__(self, base, blocks):
-        self.base = base
-        self.blocks = blocks
+    base: np.ndarray
+    blocks: tuple
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,6 +7,7 @@
 A conv block is 3x3 group conv -> Mish -> non-affine equivariant GroupNorm (``norm_groups``
 requested; how many are used when they do not divide the field count: ``norm_rule``) -> optional 2x2 max pool.
 With the trivial group C1 the same code is the ordinary (non-equivariant) ResNet-9 baseline of the same layout.
+The continuous rotation group SO(2) has its own builder (``resnet9_so2``), which shares the last stages.
 
 ``variant`` ('official' or 'dense', ``names.VARIANTS``) sets the convolutions' basis and standardisation, the norm
 rule, the bias scale and the head's initialisation; each can be switched on its own by its keyword. The official
