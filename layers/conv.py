@@ -43,7 +43,7 @@ def standardize_layer(weights):
     return (weights - mean) / (tf.sqrt(variance) + STANDARDIZATION_EPSILON)
 
 
-class SteerableInitializer(tf.keras.initializers.Initializer):
+class _SteerableInitializer(tf.keras.initializers.Initializer):
     """escnn's generalised He initialisation of steerable coefficients ``[D, in, F]``: normal with a standard
     deviation per basis element (``steerable.he_init_std``). Built by the layer, never serialised (the layer's
     config says ``kernel_initializer=None``, which rebuilds it)."""
@@ -134,7 +134,7 @@ class _GroupConvBase(BuiltKernelConv2D):
             self.kernel = self.add_weight(
                 name="coefficients",
                 shape=(basis.base.shape[0], in_fields, self.filters),
-                initializer=self.kernel_initializer or SteerableInitializer(steerable.he_init_std(basis, in_fields)),
+                initializer=self.kernel_initializer or _SteerableInitializer(steerable.he_init_std(basis, in_fields)),
                 trainable=True,
             )
         else:

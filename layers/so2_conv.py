@@ -19,7 +19,7 @@ from layers import _fields
 from layers import so2
 from layers import steerable
 from layers import steerable_so2
-from layers.conv import SteerableInitializer, standardize_layer
+from layers.conv import _SteerableInitializer, standardize_layer
 from layers.kernel_conv import BuiltKernelConv2D
 
 
@@ -50,7 +50,7 @@ class BandLimitedConv2D(BuiltKernelConv2D):
         self._basis = tf.constant(basis.base, tf.float32)  # [D, k*k, d_in, d_out]
         self.kernel = self.add_weight(
             name="coefficients", shape=(basis.base.shape[0], in_fields, self.filters), trainable=True,
-            initializer=self.kernel_initializer or SteerableInitializer(steerable.he_init_std(basis, in_fields)))
+            initializer=self.kernel_initializer or _SteerableInitializer(steerable.he_init_std(basis, in_fields)))
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer=self.bias_initializer,
@@ -84,6 +84,28 @@ class BandLimitedConv2D(BuiltKernelConv2D):
 
     def kernel_gather_index(self):
         return None
+
+    def weight_gradients_from_kernel(self, kernel_grads):
+        """Per-example gradients of the coefficients from per-example gradients of the expanded kernel,
+        ``[B, k, k, C * d_in, F * d_out]`` -> ``[(coefficients, [B, D, C, F])]``: one contraction with the basis
+        (the expansion is linear), then, with ``weight_standardization``, the standardisation's vector-Jacobian
+        product at this step's weights, which every example shares. (DP-SGD's per-example engine calls it instead
+        of differentiating the whole expansion per example.)"""
+        d_in, d_out = so2.field_size(self.input_frequency), so2.field_size(self.frequency)
+        grads = tf.reshape(tf.cast(kernel_grads, tf.float32),
+                           [-1, self.kernel_size**2, self.kernel.shape[1], d_in, self.filters, d_out])
+        coefficient_grads = tf.einsum("dpio,bpcifo->bdcf", self._basis, grads)
+        if self.weight_standardization:
+            weights = tf.cast(self.kernel, tf.float32)
+
+            def through_standardization(cotangent):
+                with tf.GradientTape() as tape:
+                    tape.watch(weights)
+                    standardized = standardize_layer(weights)
+                return tape.gradient(standardized, weights, output_gradients=cotangent)
+
+            coefficient_grads = tf.vectorized_map(through_standardization, coefficient_grads)
+        return [(self.kernel, tf.cast(coefficient_grads, self.kernel.dtype))]
 
     def get_config(self):
         return {

@@ -137,6 +137,22 @@ def test_conv_equivariance_error_on_cifar10_is_bounded():
     assert testing.so2_equivariance_error(_fn(dense), images, 30, 0, 1, radius=13) > 0.45
 
 
+@pytest.mark.parametrize("standardized", [False, True])
+def test_coefficient_gradients_from_kernel_gradients_are_the_expansions_vjp(standardized):
+    """What DP-SGD's per-example engine calls: each example's kernel gradient taken back to the coefficients equals
+    differentiating the expansion (and the standardisation) at the current weights."""
+    conv = layers.BandLimitedConv2D(2, 3, frequency=2, input_frequency=1, weight_standardization=standardized)
+    conv.build((None, 6, 6, 3 * 3))
+    kernel_grads = tf.constant(rng.normal(size=(3, 3, 3, 9, 10)), tf.float32)
+    (variable, ours), = conv.weight_gradients_from_kernel(kernel_grads)
+    assert variable is conv.kernel
+    for b in range(3):
+        with tf.GradientTape() as tape:
+            kernel = conv.expanded_kernel()
+        expected = tape.gradient(kernel, conv.kernel, output_gradients=kernel_grads[b])
+        np.testing.assert_allclose(ours[b].numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def _escnn_conv_like(conv, input_frequency, in_fields):
     """escnn's R2Conv with ``conv``'s function: its random weights, mapped onto our coefficients (the bases are the
     same elements, so the least-squares solve is exact)."""
