@@ -17,17 +17,21 @@ MODELS = {
     # The official code's model (steerable basis, weight-standardised coefficients; issue 38).
     "eq_resnet9_d4d2_official": {"architecture": "eq_resnet9", "group": "D4", "restrict": "D2", "variant": "official"},
     "eq_resnet9_c1_official": {"architecture": "eq_resnet9", "group": "C1", "restrict": None, "variant": "official"},
+    # The official code's SO(2) model with L = 1 (configs/cifar10_so2.cfg; issue 42), on request.
+    "eq_resnet9_so2_official": {"architecture": "eq_resnet9", "group": "SO2", "restrict": "C1", "variant": "official",
+                                "so2_frequency": 1},
     "wrn16_4": {"architecture": "wrn16_4"},  # weight-standardised, its default since issue 26
     # Without weight standardisation: the WRN-16-4 of grids before 2026-12-05, for comparing engines on one model.
     "wrn16_4_plain": {"architecture": "wrn16_4", "weight_standardization": False},
 }
-# the grid's; wrn16_4_plain on request
+# the grid's; wrn16_4_plain and eq_resnet9_so2_official on request
 DEFAULT_MODELS = ("eq_resnet9_d4d2_official", "eq_resnet9_c1_official", "eq_resnet9_d4d2", "eq_resnet9_c1", "wrn16_4")
 MODEL_LABELS = {
     "eq_resnet9_d4d2": "Eq. ResNet-9 (D4->D2), dense",
     "eq_resnet9_c1": "ResNet-9 (C1), dense",
     "eq_resnet9_d4d2_official": "Eq. ResNet-9 (D4->D2), official",
     "eq_resnet9_c1_official": "ResNet-9 (C1), official",
+    "eq_resnet9_so2_official": "Eq. ResNet-9 (SO(2) L=1->C1), official",
     "wrn16_4": "WRN-16-4",
     "wrn16_4_plain": "WRN-16-4 (no WS)",
 }
@@ -77,7 +81,9 @@ def count_macs(tf, model):
     """Multiply-accumulates of one forward pass of one image, from the layers' static shapes."""
     import layers as eq_layers
 
-    conv_types = (tf.keras.layers.Conv2D, eq_layers.LiftingConv2D, eq_layers.GroupConv2D, eq_layers.StandardizedConv2D)
+    # (The SO(2) model's Fourier ELU and blur pooling are not convolutions of weights: not counted.)
+    conv_types = (tf.keras.layers.Conv2D, eq_layers.LiftingConv2D, eq_layers.GroupConv2D, eq_layers.StandardizedConv2D,
+                  eq_layers.BandLimitedConv2D)
     total = 0
     for layer in model.layers:
         if isinstance(layer, conv_types):

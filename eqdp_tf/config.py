@@ -17,7 +17,8 @@ from layers import groups as groups_lib
 from eqdp_tf.checks import finite_number, whole_number
 from eqdp_tf.errors import ConfigError, one_line
 from eqdp_tf.models import ARCHITECTURES, HEADS
-from eqdp_tf.models.names import CONV_BASES, NORM_RULES, VARIANTS, restricted_group
+from eqdp_tf.models.names import (CONV_BASES, NORM_RULES, SO2_NORM_CENTERINGS, SO2_RESTRICTION, VARIANTS, is_so2,
+                                   restricted_group)
 
 SAMPLINGS = ("poisson", "shuffle")
 VIEW_REDUCTIONS = ("sum", "mean")
@@ -40,6 +41,10 @@ class TrainConfig:
     conv_basis: Optional[str] = None
     conv_weight_standardization: Optional[bool] = None
     norm_group_rule: Optional[str] = None
+    # --group=SO2 only (the official code's 'orthogonal' model, models.resnet9_so2): the fields' maximum frequency L
+    # and the GroupNorm centring over them ('all': the official code's; 'invariant': equivariant).
+    so2_frequency: int = 1
+    so2_norm_centering: str = "all"
     # WRN only: De et al.'s scaled weight standardisation in every convolution (layers.StandardizedConv2D).
     wrn_weight_standardization: bool = True
     # optimisation
@@ -112,6 +117,8 @@ class TrainConfig:
         self._resolve_variant()
         choice("conv_basis", CONV_BASES)
         choice("norm_group_rule", NORM_RULES)
+        choice("so2_norm_centering", SO2_NORM_CENTERINGS)
+        positive("so2_frequency")
         if not isinstance(self.conv_weight_standardization, bool):
             raise ConfigError(f"--conv_weight_standardization must be true or false; got "
                               f"{self.conv_weight_standardization!r}")
@@ -146,6 +153,11 @@ class TrainConfig:
                              ("norm_group_rule", "norm_rule")):
             if getattr(self, name) is None:
                 setattr(self, name, options[option])
+        if is_so2(self.group):
+            if self.conv_basis != "steerable":
+                raise ConfigError("--group=SO2 has only the steerable basis: drop --conv_basis=dense (and use "
+                                  "--model_variant=official)")
+            return
         if self.conv_basis == "steerable":
             try:
                 group = groups_lib.get(self.group)
@@ -179,6 +191,13 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be > 0; got {getattr(self, name)}")
 
     def _validate_groups(self):
+        if is_so2(self.group):
+            if self.architecture != "eq_resnet9":
+                raise ConfigError("--group=SO2 builds the Equivariant ResNet-9 only (--architecture=eq_resnet9)")
+            if (self.restricted_group or "").upper() != SO2_RESTRICTION:
+                raise ConfigError(f"--group=SO2 restricts its last stages to the trivial group, as the official code: "
+                                  f"use --restrict={SO2_RESTRICTION} (got {self.restrict!r})")
+            return
         try:
             group = groups_lib.get(self.group)
         except ValueError as err:
@@ -216,7 +235,8 @@ class TrainConfig:
 
     # What a config.json written before a setting existed meant by leaving it out.
     LEGACY_VALUES = {"model_variant": "dense", "conv_basis": "dense", "conv_weight_standardization": False,
-                     "norm_group_rule": "closest", "ema_updates_per_step": 1}
+                     "norm_group_rule": "closest", "ema_updates_per_step": 1, "so2_frequency": 1,
+                     "so2_norm_centering": "all"}
 
     def differences(self, other: dict):
         """Names of settings where ``other`` (a saved config) differs in a way a resume cannot accept.
@@ -249,7 +269,8 @@ def define_flags():
         return
     d = TrainConfig()
     flags.DEFINE_enum("architecture", d.architecture, ARCHITECTURES, "Model family.")
-    flags.DEFINE_string("group", d.group, "Symmetry group: C1 (ordinary CNN), C4, C8, D4, D8, ... (C_N or D_N).")
+    flags.DEFINE_string("group", d.group, "Symmetry group: C1 (ordinary CNN), C4, C8, D4, D8, ... (C_N or D_N), or SO2 "
+                        "(continuous rotations: band-limited fields, with --restrict=C1 and --so2_frequency).")
     flags.DEFINE_string("restrict", d.restrict, "Subgroup for the last stages (e.g. D2), or 'none'.")
     flags.DEFINE_enum("head", d.head, HEADS, "'paper': 2x2 avg pool + linear; 'invariant': global pool + linear.")
     flags.DEFINE_enum("model_variant", d.model_variant, tuple(VARIANTS),
@@ -263,6 +284,11 @@ def define_flags():
     flags.DEFINE_enum("norm_group_rule", None, NORM_RULES, "Override the variant: GroupNorm groups when 8 do not "
                       "divide the fields: 'official' (the official code's closest_divisor: 1 group for 6 or 13 "
                       "fields) or 'closest' (the nearest divisor: one group per field for 6 or 13).")
+    flags.DEFINE_integer("so2_frequency", d.so2_frequency, "--group=SO2 only: the maximum frequency L of the "
+                         "band-limited fields (2L + 1 channels each; the official widths divide by L^2).")
+    flags.DEFINE_enum("so2_norm_centering", d.so2_norm_centering, SO2_NORM_CENTERINGS, "--group=SO2 only: GroupNorm "
+                      "over band-limited fields centres 'all' coefficients by one mean (the official code's; not "
+                      "equivariant) or only the 'invariant' (frequency 0) ones (equivariant).")
     flags.DEFINE_boolean("wrn_weight_standardization", d.wrn_weight_standardization,
                          "WRN only: scaled weight standardisation with a gain and bias per filter in every conv, as De "
                          "et al. (2022); false: plain convs without bias.")

@@ -457,7 +457,8 @@ def layer_registry():
     Keras' Conv2D, GroupNormalization and LayerNormalization, the equivariant layers and the weight-standardised
     conv (see ``privacy.fast_clipping``). For ``tensorflow_privacy.DPSequential(..., layer_registry=layer_registry())``."""
     return fast_clipping.make_layer_registry(
-        conv_layers=(eq_layers.LiftingConv2D, eq_layers.GroupConv2D, eq_layers.StandardizedConv2D),
+        conv_layers=(eq_layers.LiftingConv2D, eq_layers.GroupConv2D, eq_layers.StandardizedConv2D,
+                     eq_layers.BandLimitedConv2D),
         normalization_layers=(eq_layers.GroupNormalization,))
 
 

@@ -1,8 +1,10 @@
-"""Rotation-equivariant Keras layers (tf.keras): groups, group convolutions, pooling, GroupNorm; and the
-weight-standardised convolution of the WRN baseline.
+"""Rotation-equivariant Keras layers (tf.keras): groups, group convolutions, pooling, GroupNorm; band-limited SO(2)
+fields (convolution, Fourier ELU, anti-aliased pooling, disc mask); and the weight-standardised convolution of the
+WRN baseline.
 
 Usable on their own; this package imports only TensorFlow and numpy. Channel layout everywhere:
-``F`` regular fields over G are ``F*|G|`` channels, channel ``c*|G| + g`` = field c, orientation g.
+``F`` regular fields over G are ``F*|G|`` channels, channel ``c*|G| + g`` = field c, orientation g; ``F``
+band-limited SO(2) fields of maximum frequency L are ``F*(2L+1)`` channels, field-major too (``layers.so2``).
 """
 
 # First: Keras 2 as tf.keras (and TF-Privacy's import) on TensorFlow 2.16+, before anything imports TensorFlow.
@@ -16,6 +18,10 @@ _LAZY = {
     "GroupNormalization": "layers.normalization", "closest_divisor": "layers.normalization",
     "GroupPooling": "layers.pooling", "SpatialPooling2D": "layers.pooling",
     "RestrictToSubgroup": "layers.restriction", "StandardizedConv2D": "layers.standardized_conv",
+    # Band-limited SO(2) fields (layers.so2): the official code's 'orthogonal' model.
+    "BandLimitedConv2D": "layers.so2_conv", "FourierELU": "layers.fourier",
+    "BandLimitedGroupNormalization": "layers.normalization", "AntialiasedAveragePooling2D": "layers.pooling",
+    "DiscMask": "layers.masking", "RestrictBandLimitedToTrivial": "layers.restriction",
 }
 
 
@@ -28,11 +34,17 @@ def __getattr__(name):
 
 
 __all__ = [
+    "AntialiasedAveragePooling2D",
+    "BandLimitedConv2D",
+    "BandLimitedGroupNormalization",
+    "DiscMask",
+    "FourierELU",
     "Group",
     "GroupConv2D",
     "GroupNormalization",
     "GroupPooling",
     "LiftingConv2D",
+    "RestrictBandLimitedToTrivial",
     "RestrictToSubgroup",
     "SpatialPooling2D",
     "StandardizedConv2D",

@@ -30,7 +30,7 @@ import tensorflow as tf
 from layers import groups as groups_lib
 from layers import kernels
 from layers import steerable
-from layers.kernel_conv import BuiltKernelConv2D, padding_mode, positive_int
+from layers.kernel_conv import BuiltKernelConv2D, positive_int
 
 BASES = ("dense", "steerable")
 # The fork's standardisation: (w - mean) / (std + 1e-5), std the population standard deviation.
@@ -76,16 +76,6 @@ class _SteerableInitializer(tf.keras.initializers.Initializer):
         return tf.random.normal(shape, dtype=dtype or tf.float32) * tf.cast(std, dtype or tf.float32)
 
 
-def _normalize_kernel_size(kernel_size):
-    kernel_size = positive_int("kernel_size", kernel_size)
-    if kernel_size % 2 == 0:
-        raise ValueError(
-            f"kernel_size must be odd, got {kernel_size}: an even filter has no centre pixel, so rotating "
-            "it about the grid moves it off the pixel lattice"
-        )
-    return kernel_size
-
-
 class _GroupConvBase(BuiltKernelConv2D):
     """Argument handling, padding rules and the conv shared by lifting and group-to-group convs."""
 
@@ -105,14 +95,11 @@ class _GroupConvBase(BuiltKernelConv2D):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(filters, bool) or not isinstance(filters, (int, np.integer)) or filters < 1:
-            raise ValueError(f"filters (number of output fields) must be a positive int, got {filters!r}")
-        self.filters = int(filters)
-        self.kernel_size = _normalize_kernel_size(kernel_size)
+        # kernel_initializer None: the basis's own initialisation (He normal for dense taps, escnn's generalised He
+        # for coefficients).
+        self._set_filter_options(filters, kernel_size, padding, use_bias, kernel_initializer, bias_initializer)
         self.group = groups_lib.get(group)
         self.strides = positive_int("strides", strides)
-        self.padding = padding_mode(padding)
-        self.use_bias = bool(use_bias)
         if basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
         if basis == "steerable" and kernels.spatial_permutation(self.group, self.kernel_size) is None:
@@ -123,9 +110,6 @@ class _GroupConvBase(BuiltKernelConv2D):
         if isinstance(bias_scale, bool) or not isinstance(bias_scale, (int, float)) or not bias_scale > 0:
             raise ValueError(f"bias_scale must be a positive number, got {bias_scale!r}")
         self.bias_scale = float(bias_scale)
-        # None: the basis's own initialisation (He normal for dense taps, escnn's generalised He for coefficients).
-        self.kernel_initializer = None if kernel_initializer is None else tf.keras.initializers.get(kernel_initializer)
-        self.bias_initializer = tf.keras.initializers.get(bias_initializer)
         self.input_spec = tf.keras.layers.InputSpec(ndim=4)
 
     # Subclasses define the base kernel's shape and how it expands.
@@ -273,15 +257,9 @@ class _GroupConvBase(BuiltKernelConv2D):
         config = super().get_config()
         config.update(
             {
-                "filters": self.filters,
-                "kernel_size": self.kernel_size,
+                **self._filter_options_config(),
                 "group": self.group.name,
                 "strides": self.strides,
-                "padding": self.padding,
-                "use_bias": self.use_bias,
-                "kernel_initializer": (None if self.kernel_initializer is None
-                                       else tf.keras.initializers.serialize(self.kernel_initializer)),
-                "bias_initializer": tf.keras.initializers.serialize(self.bias_initializer),
                 "basis": self.basis,
                 "weight_standardization": self.weight_standardization,
                 "bias_scale": self.bias_scale,

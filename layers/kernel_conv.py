@@ -18,6 +18,17 @@ def positive_int(name, value):
     return int(value)
 
 
+def odd_kernel_size(kernel_size):
+    """``kernel_size`` as a positive odd int: the filter of a rotation-equivariant conv needs a centre pixel."""
+    kernel_size = positive_int("kernel_size", kernel_size)
+    if kernel_size % 2 == 0:
+        raise ValueError(
+            f"kernel_size must be odd, got {kernel_size}: an even filter has no centre pixel, so rotating "
+            "it about the grid moves it off the pixel lattice"
+        )
+    return kernel_size
+
+
 def padding_mode(value):
     """'same' or 'valid' (any case), as the built kernel's plain convolution takes it."""
     padding = str(value).lower()
@@ -36,6 +47,30 @@ class BuiltKernelConv2D(tf.keras.layers.Layer):
     @property
     def output_channels(self):
         raise NotImplementedError
+
+    def _set_filter_options(self, filters, kernel_size, padding, use_bias, kernel_initializer, bias_initializer):
+        """Checks and keeps the arguments every equivariant conv takes (``filters`` output fields, an odd square
+        kernel; ``kernel_initializer`` None: the basis's own initialisation)."""
+        if isinstance(filters, bool) or not isinstance(filters, (int, np.integer)) or filters < 1:
+            raise ValueError(f"filters (number of output fields) must be a positive int, got {filters!r}")
+        self.filters = int(filters)
+        self.kernel_size = odd_kernel_size(kernel_size)
+        self.padding = padding_mode(padding)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = None if kernel_initializer is None else tf.keras.initializers.get(kernel_initializer)
+        self.bias_initializer = tf.keras.initializers.get(bias_initializer)
+
+    def _filter_options_config(self):
+        """The config of the arguments ``_set_filter_options`` keeps."""
+        return {
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "padding": self.padding,
+            "use_bias": self.use_bias,
+            "kernel_initializer": (None if self.kernel_initializer is None
+                                   else tf.keras.initializers.serialize(self.kernel_initializer)),
+            "bias_initializer": tf.keras.initializers.serialize(self.bias_initializer),
+        }
 
     def call(self, inputs):
         # TF's 'SAME' pads (k-1)/2 on each side for an odd kernel at stride 1, and for the strided grids the group

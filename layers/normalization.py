@@ -4,12 +4,15 @@ Normalising over H, W and a set of channels is equivariant only if that set is c
 group's orientation permutation, i.e. holds whole fields. So ``groups`` partitions the *fields*
 (each norm group = ``fields/groups`` whole fields, all orientations). The optional affine is per
 field (shared by its orientations); a per-channel affine would break equivariance.
+``BandLimitedGroupNormalization`` does the same over band-limited SO(2) fields (``layers.so2``), with the official
+code's centring or an equivariant one.
 """
 
 import tensorflow as tf
 
 from layers import _fields
 from layers import groups as groups_lib
+from layers import so2
 
 
 def closest_divisor(n, requested):
@@ -44,60 +47,129 @@ def official_norm_groups(n, requested=8):
 NORM_GROUP_RULES = {"closest": closest_divisor, "official": official_norm_groups}
 
 
-@tf.keras.utils.register_keras_serializable(package="eqdp")
-class GroupNormalization(tf.keras.layers.Layer):
-    """Equivariant GroupNorm over ``[B, H, W, F*|G|]`` with ``groups`` dividing the field count F."""
+class _FieldGroupNorm(tf.keras.layers.Layer):
+    """What GroupNorm over fields shares: ``groups`` norm groups of whole fields of ``_field_size()`` channels, the
+    checks, and per-example statistics over H, W and each group's channels."""
 
-    def __init__(self, groups=8, group="C4", center=False, scale=False, epsilon=1e-5, **kwargs):
+    def __init__(self, groups=8, epsilon=1e-5, **kwargs):
         super().__init__(**kwargs)
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
             raise ValueError(f"groups must be a positive int, got {groups!r}")
         if epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
         self.groups = groups
-        self.group = groups_lib.get(group)
-        self.center = bool(center)
-        self.scale = bool(scale)
         self.epsilon = float(epsilon)
         self.input_spec = tf.keras.layers.InputSpec(ndim=4)
 
+    def _field_size(self):
+        raise NotImplementedError
+
+    def _field_name(self):
+        raise NotImplementedError
+
     def build(self, input_shape):
-        self.fields = _fields.fields_in(self.name, input_shape, self.group)
+        self.fields = _fields.fields_of_size(self.name, input_shape, self._field_size(), self._field_name())
         if self.fields % self.groups:
             raise ValueError(
                 f"{self.name}: groups={self.groups} does not divide the {self.fields} fields; every norm group "
                 f"must hold whole fields to stay equivariant (closest divisor: "
                 f"{closest_divisor(self.fields, self.groups)})"
             )
+        self.input_spec = tf.keras.layers.InputSpec(ndim=4, axes={-1: self.fields * self._field_size()})
+        super().build(input_shape)
+
+    def _split(self, inputs):
+        """``[B, H, W, groups, fields per group, field size]``."""
+        shape = tf.shape(inputs)
+        return tf.reshape(inputs, tf.concat([shape[:3], [self.groups, self.fields // self.groups,
+                                                         self._field_size()]], axis=0))
+
+    def _normalize(self, split, centred):
+        variance = tf.reduce_mean(tf.square(centred), axis=[1, 2, 4, 5], keepdims=True)
+        return centred * tf.math.rsqrt(variance + self.epsilon)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups, "epsilon": self.epsilon}
+
+
+@tf.keras.utils.register_keras_serializable(package="eqdp")
+class GroupNormalization(_FieldGroupNorm):
+    """Equivariant GroupNorm over ``[B, H, W, F*|G|]`` with ``groups`` dividing the field count F."""
+
+    def __init__(self, groups=8, group="C4", center=False, scale=False, epsilon=1e-5, **kwargs):
+        super().__init__(groups=groups, epsilon=epsilon, **kwargs)
+        self.group = groups_lib.get(group)
+        self.center = bool(center)
+        self.scale = bool(scale)
+
+    def _field_size(self):
+        return self.group.order
+
+    def _field_name(self):
+        return f"|{self.group.name}| = {self.group.order}"
+
+    def build(self, input_shape):
+        super().build(input_shape)
         self.gamma = self.beta = None
         if self.scale:
             self.gamma = self.add_weight(name="gamma", shape=(self.fields,), initializer="ones")
         if self.center:
             self.beta = self.add_weight(name="beta", shape=(self.fields,), initializer="zeros")
-        self.input_spec = tf.keras.layers.InputSpec(ndim=4, axes={-1: self.fields * self.group.order})
-        super().build(input_shape)
 
     def call(self, inputs):
-        shape = tf.shape(inputs)
-        per_group = self.fields // self.groups * self.group.order
-        split = tf.reshape(inputs, tf.concat([shape[:3], [self.groups, per_group]], axis=0))
-        mean, variance = tf.nn.moments(split, axes=[1, 2, 4], keepdims=True)
-        normed = tf.reshape((split - mean) * tf.math.rsqrt(variance + self.epsilon), shape)
+        split = self._split(inputs)
+        mean = tf.reduce_mean(split, axis=[1, 2, 4, 5], keepdims=True)
+        normed = tf.reshape(self._normalize(split, split - mean), tf.shape(inputs))
         if self.gamma is not None:
             normed = normed * tf.repeat(tf.cast(self.gamma, normed.dtype), self.group.order)
         if self.beta is not None:
             normed = normed + tf.repeat(tf.cast(self.beta, normed.dtype), self.group.order)
         return normed
 
-    def compute_output_shape(self, input_shape):
-        return tf.TensorShape(input_shape)
+    def get_config(self):
+        return {**super().get_config(), "group": self.group.name, "center": self.center, "scale": self.scale}
+
+
+CENTERINGS = ("all", "invariant")
+
+
+@tf.keras.utils.register_keras_serializable(package="eqdp")
+class BandLimitedGroupNormalization(_FieldGroupNorm):
+    """GroupNorm over band-limited SO(2) fields ``[B, H, W, F*(2L+1)]`` (``layers.so2``), no affine, groups of whole
+    fields.
+
+    ``centering='all'`` is the official code's (its fork's GroupNorm is torch's ``group_norm`` on
+    ``[B, fields, 2L+1, H, W]``): one mean over every coefficient of a group, subtracted from every coefficient. That
+    mean mixes the rotating frequency-k pairs, so the layer is not equivariant, not even for 90 degree turns (a
+    frequency-1 pair (a, b) turns into (-b, a), and a + b into a - b). ``centering='invariant'`` subtracts the mean
+    of the frequency-0 coefficients from those alone; the variance (the mean square of every centred coefficient)
+    is rotation-invariant, so it is exactly equivariant for rotations that map the pixel grid onto itself.
+    """
+
+    def __init__(self, groups=8, frequency=1, centering="all", epsilon=1e-5, **kwargs):
+        super().__init__(groups=groups, epsilon=epsilon, **kwargs)
+        self.frequency = so2.check_frequency(frequency)
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+        self.centering = centering
+
+    def _field_size(self):
+        return so2.field_size(self.frequency)
+
+    def _field_name(self):
+        return f"2L + 1 = {self._field_size()}"  # as _fields.band_limited_fields_in says it
+
+    def call(self, inputs):
+        split = self._split(inputs)
+        if self.centering == "all":
+            mean = tf.reduce_mean(split, axis=[1, 2, 4, 5], keepdims=True)
+        else:
+            trivial = tf.reduce_mean(split[..., :1], axis=[1, 2, 4], keepdims=True)
+            mean = tf.pad(trivial, [[0, 0]] * 5 + [[0, 2 * self.frequency]])
+        return tf.reshape(self._normalize(split, split - mean), tf.shape(inputs))
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "groups": self.groups,
-            "group": self.group.name,
-            "center": self.center,
-            "scale": self.scale,
-            "epsilon": self.epsilon,
-        }
+        return {**super().get_config(), "frequency": self.frequency, "centering": self.centering}

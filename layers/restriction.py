@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from layers import _fields
 from layers import groups as groups_lib
+from layers import so2
 
 
 def restriction_permutation(group, subgroup, fields):
@@ -55,3 +56,32 @@ class RestrictToSubgroup(tf.keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "group": self.group.name, "subgroup": self.subgroup.name}
+
+
+@tf.keras.utils.register_keras_serializable(package="eqdp")
+class RestrictBandLimitedToTrivial(tf.keras.layers.Layer):
+    """``[B, H, W, F*(2L+1)]`` band-limited SO(2) fields (``layers.so2``) -> ``F*(2L+1)`` fields over the trivial
+    group C1, i.e. plain channels: the identity on the tensor.
+
+    Seen by the trivial subgroup alone, every coefficient is an invariant scalar. escnn's ``RestrictionModule(type,
+    1)`` followed by ``DisentangleModule`` (the official code's ``restrict: invariant`` for SO(2)) leaves the channels
+    where they are, because the band-limited field's change of basis is the identity (tests/test_so2_layers.py
+    checks it against escnn). The layer marks where equivariance ends and checks the channel count.
+    """
+
+    def __init__(self, frequency=1, **kwargs):
+        super().__init__(**kwargs)
+        self.frequency = so2.check_frequency(frequency)
+
+    def build(self, input_shape):
+        _fields.band_limited_fields_in(self.name, input_shape, self.frequency)  # checks the channel count
+        super().build(input_shape)
+
+    def call(self, inputs):
+        return tf.identity(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "frequency": self.frequency}

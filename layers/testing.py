@@ -3,11 +3,15 @@
 A tensor is described by what lives on its last axis: ``None`` for an ordinary image (only pixels
 move) or a group, for regular fields over that group (pixels move and orientations permute). Tensors
 without spatial axes (``[B, D]``, e.g. logits) are left unchanged: they should be invariant.
+Band-limited SO(2) fields (``layers.so2``) turn by any angle: ``rotate_fields`` and ``so2_equivariance_error``.
 """
+
+import math
 
 import numpy as np
 
 from layers import groups as groups_lib
+from layers import so2
 
 
 def transform(x, group, element, fields=None):
@@ -68,3 +72,33 @@ def check_equivariance(fn, x, group, in_fields=None, out_fields=None, tolerance=
             f"{errors[worst]:.3g} > {tolerance:.3g}"
         )
     return errors
+
+
+def rotate_fields(x, degrees, frequency=0):
+    """``x [B, H, W, F*(2L+1)]`` (numpy) rotated counterclockwise by ``degrees``: pixels move (exactly for multiples
+    of 90 degrees, else by bilinear resampling, ``groups.rotate_bilinear``) and each band-limited SO(2) field's
+    coefficients turn by ``so2.field_rotation`` (frequency 0: plain channels, which only move)."""
+    x = np.asarray(x)
+    quarter_turns, rest = divmod(float(degrees), 90.0)
+    if rest == 0:
+        moved = np.rot90(x, k=int(quarter_turns) % 4, axes=(1, 2))
+    else:
+        moved = np.stack([groups_lib.rotate_bilinear(image, degrees) for image in x])
+    size = so2.field_size(frequency)
+    split = moved.reshape(moved.shape[:3] + (moved.shape[-1] // size, size))
+    turned = split @ so2.field_rotation(frequency, math.radians(degrees)).T
+    return turned.reshape(moved.shape)
+
+
+def so2_equivariance_error(fn, x, degrees, in_frequency=0, out_frequency=0, radius=None):
+    """Relative RMS error ``||f(g.x) - g.f(x)|| / ||g.f(x)||`` for the rotation g by ``degrees``, over the output
+    pixels within ``radius`` of the centre (None: all). A disc keeps out the corners, which a rotation by other than
+    90 degrees brings in from outside the grid."""
+    reference = rotate_fields(np.asarray(fn(x)), degrees, out_frequency)
+    rotated = np.asarray(fn(rotate_fields(x, degrees, in_frequency)))
+    if radius is not None:
+        size = reference.shape[1]
+        offsets = np.arange(size) - (size - 1) / 2.0
+        inside = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2
+        reference, rotated = reference[:, inside], rotated[:, inside]
+    return float(np.linalg.norm(rotated - reference) / max(np.linalg.norm(reference), 1e-30))

@@ -21,6 +21,18 @@ HAVE_CIFAR10 = os.path.isfile(os.path.join(CIFAR10_DIR, "data_batch_1.bin"))
 needs_cifar10 = pytest.mark.skipif(not HAVE_CIFAR10, reason=f"no CIFAR-10 copy at {CIFAR10_DIR}")
 
 
+def reference_script(name):
+    """The module ``tests/reference/<name>.py`` (the scripts that write the escnn reference files), loaded by path:
+    the folder is not a package."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pytest_sessionstart(session):
     if os.environ.get("CI", "").lower() in ("1", "true", "yes") and not HAVE_CIFAR10:
         raise pytest.UsageError(f"CI=true but the CIFAR-10 copy the data tests need is missing at {CIFAR10_DIR} "

@@ -60,6 +60,17 @@ def test_multiply_adds_count_every_convolution_the_weight_standardised_ones_too(
     assert standardised == plain > 32 * 32 * 27 * 16
 
 
+def test_multiply_adds_count_the_so2_models_band_limited_convolutions():
+    import tensorflow as tf
+
+    cells = _load("benchmark_cells")
+    model = build_model(**cells.MODELS["eq_resnet9_so2_official"])
+    # L = 1: 3 channels per field; 19 / 39 / 64 fields at 32 / 16 / 8 pixels, then the C1 stages at 8 and 4, the head
+    so2_stages = 9 * (3 * 57 * 32**2 + 57 * 117 * 32**2 + 2 * 117 * 117 * 16**2 + 117 * 192 * 16**2)
+    c1_stages = 9 * (192 * 64 * 8**2 + 2 * 64 * 64 * 4**2)
+    assert cells.count_macs(tf, model) == so2_stages + c1_stages + 256 * 10
+
+
 def test_benchmark_report_carries_the_registry_table_and_judges_its_target(tmp_path):
     docs = os.path.join(os.path.dirname(BENCH), "docs", "benchmarks")
     registry = os.path.join(docs, "fast_clipping_2026-11-30.json")

@@ -49,6 +49,11 @@ print(json.dumps(out))
             paper["norm_group_rule"], paper["ema_updates_per_step"]) == ("official", "steerable", True, "official", 16)
     assert configs["configs/cifar10_tan256.cfg"]["ema_updates_per_step"] == 16  # the full-scale run's schedule
     assert configs["configs/cifar10_c1_baseline.cfg"]["model_variant"] == "official"
+    so2 = configs["configs/cifar10_so2.cfg"]  # the official code's 'orthogonal' model (issue 42)
+    assert (so2["group"], so2["restrict"], so2["so2_frequency"], so2["so2_norm_centering"], so2["conv_basis"],
+            so2["conv_weight_standardization"]) == ("SO2", "C1", 1, "all", "steerable", True)
+    assert {k: v for k, v in so2.items() if not k.startswith("so2_") and k not in ("group", "restrict", "output_dir")} \
+        == {k: v for k, v in paper.items() if not k.startswith("so2_") and k not in ("group", "restrict", "output_dir")}
 
 
 def test_model_variant_resolves_and_each_ingredient_overrides_it():
@@ -79,11 +84,28 @@ def test_a_config_written_before_the_model_variant_resumes_as_the_dense_model():
         "ema_updates_per_step"]
 
 
+def test_a_config_written_before_so2_resumes_and_an_so2_run_keeps_its_frequency():
+    from eqdp_tf.config import TrainConfig
+
+    before = TrainConfig().to_json()
+    for key in ("so2_frequency", "so2_norm_centering"):
+        before.pop(key)
+    assert TrainConfig().differences(before) == []
+    so2 = TrainConfig(group="so2", restrict="c1", so2_frequency=2).to_json()
+    assert TrainConfig(group="so2", restrict="c1", so2_frequency=3).differences(so2) == ["so2_frequency"]
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(group="C8", restrict="none"), "--conv_basis=steerable needs a group that permutes the pixel grid exactly"),
     (dict(conv_basis="fourier"), "--conv_basis must be one of steerable, dense"),
     (dict(model_variant="escnn"), "--model_variant must be one of official, dense"),
     (dict(ema_updates_per_step=0), "--ema_updates_per_step"),
+    (dict(group="SO2", restrict="none"), "--group=SO2 restricts its last stages to the trivial group"),
+    (dict(group="SO2", restrict="D2"), "use --restrict=C1"),
+    (dict(group="SO2", restrict="C1", model_variant="dense"), "--group=SO2 has only the steerable basis"),
+    (dict(group="SO2", restrict="C1", so2_frequency=0), "--so2_frequency"),
+    (dict(group="SO2", restrict="C1", so2_norm_centering="trivial"), "--so2_norm_centering must be one of"),
+    (dict(group="SO2", restrict="C1", architecture="wrn16_4"), "--group=SO2 builds the Equivariant ResNet-9 only"),
 ])
 def test_bad_model_settings_are_one_line_errors(settings, message):
     from eqdp_tf.config import TrainConfig

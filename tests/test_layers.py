@@ -179,6 +179,13 @@ LAYER_FACTORIES = [
     (lambda: layers.SpatialPooling2D(2, "mean"), (None, 8, 8, 8)),
     (lambda: layers.GroupNormalization(2, group="D2", center=True), (None, 8, 8, 16)),
     (lambda: layers.RestrictToSubgroup("D4", "D2"), (None, 8, 8, 16)),
+    (lambda: layers.BandLimitedConv2D(2, 3, frequency=2, input_frequency=1, weight_standardization=True),
+     (None, 8, 8, 6)),
+    (lambda: layers.FourierELU(2, samples=12), (None, 8, 8, 10)),
+    (lambda: layers.BandLimitedGroupNormalization(2, 1, "invariant"), (None, 8, 8, 12)),
+    (lambda: layers.AntialiasedAveragePooling2D(0.5, 2), (None, 8, 8, 3)),
+    (lambda: layers.DiscMask(5.0), (None, 8, 8, 3)),
+    (lambda: layers.RestrictBandLimitedToTrivial(1), (None, 8, 8, 6)),
 ]
 
 
@@ -232,6 +239,22 @@ def test_freeze_gives_identical_outputs_with_plain_convs(group, subgroup):
     kinds = {type(layer).__name__ for layer in frozen.layers}
     assert "Conv2D" in kinds and not kinds & {"LiftingConv2D", "GroupConv2D"}
     x = rng.randn(3, 8, 8, 3).astype("float32")
+    np.testing.assert_allclose(frozen(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_freeze_so2_model_gives_identical_outputs_with_plain_convs():
+    inputs = tf.keras.Input((9, 9, 3))
+    h = layers.DiscMask(1.0)(inputs)
+    h = layers.BandLimitedConv2D(2, 3, frequency=2, input_frequency=0, weight_standardization=True)(h)
+    h = layers.FourierELU(2)(h)
+    h = layers.BandLimitedGroupNormalization(1, 2)(h)
+    h = layers.AntialiasedAveragePooling2D()(h)
+    h = layers.RestrictBandLimitedToTrivial(2)(h)
+    model = tf.keras.Model(inputs, layers.GroupConv2D(1, 3, group="C1", basis="steerable")(h))
+    frozen = layers.freeze(model)
+    kinds = {type(layer).__name__ for layer in frozen.layers}
+    assert "Conv2D" in kinds and not kinds & {"BandLimitedConv2D", "GroupConv2D"}
+    x = rng.randn(2, 9, 9, 3).astype("float32")
     np.testing.assert_allclose(frozen(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
 
 

@@ -28,11 +28,29 @@ ROUTES = [*clipped_sum.NORM_METHODS, "vmap", "tf_privacy_registry"]
 
 
 # "GROUP" or "GROUP/official": the latter's group convolutions as the official model's (steerable coefficients,
-# weight-standardised, bias scaled).
-CASES = ["C4", "D2", "C4/official", "C1/official"]
+# weight-standardised, bias scaled); "SO2" the official SO(2) model's layers (band-limited fields).
+CASES = ["C4", "D2", "C4/official", "C1/official", "SO2"]
+
+
+def _so2_model():
+    """The official SO(2) model's layers (issue 42): steerable coefficients of band-limited fields, standardised."""
+    tf.keras.utils.set_random_seed(0)
+    inputs = tf.keras.Input([8, 8, 3])
+    h = layers.DiscMask(1.0)(inputs)
+    h = layers.BandLimitedConv2D(3, 3, frequency=1, input_frequency=0, weight_standardization=True)(h)
+    h = layers.FourierELU(1)(h)
+    h = layers.BandLimitedGroupNormalization(3, 1)(h)
+    h = layers.AntialiasedAveragePooling2D()(h)
+    h = layers.BandLimitedConv2D(2, 3, frequency=1, bias_initializer="ones", weight_standardization=True)(h)
+    h = layers.RestrictBandLimitedToTrivial(1)(h)
+    h = tf.keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(h)
+    h = tf.keras.layers.GlobalAveragePooling2D()(h)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(CLASSES)(h))
 
 
 def _model(case):
+    if case == "SO2":
+        return _so2_model()
     group, _, official = case.partition("/")
     conv_options = dict(basis="steerable", weight_standardization=True, bias_scale=0.5) if official else {}
     tf.keras.utils.set_random_seed(0)

@@ -8,23 +8,17 @@ is all DP-SGD sees of a basis B (elements as rows): its span, each element's nor
 kernel when every coefficient gets independent unit noise (so also every gradient norm in coefficient space).
 """
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
+from conftest import reference_script
 from layers import groups, kernels, steerable
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "reference", "escnn_basis.npz")
 
 
-def _reference_script():
-    path = os.path.join(os.path.dirname(__file__), "reference", "make_escnn_basis.py")
-    spec = importlib.util.spec_from_file_location("make_escnn_basis", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 GROUPS = ("C1", "C2", "C4", "D2", "D4")
 # Coefficients per base filter (one input field or image channel, one output field), k = 3: 8 per input
 # orientation where the dense filter has 9 taps (issue 38's counts, from escnn).
@@ -64,7 +58,7 @@ def test_basis_matches_the_committed_escnn_reference(name, lifting):
 def test_basis_matches_escnn_itself_where_installed():
     pytest.importorskip("torch")
     pytest.importorskip("escnn")
-    make_escnn_basis = _reference_script()
+    make_escnn_basis = reference_script("make_escnn_basis")
     for name in GROUPS:
         assert make_escnn_basis.element_order_matches(name), name
         for lifting in (True, False):

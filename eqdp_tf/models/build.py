@@ -2,13 +2,19 @@
 
 import tensorflow as tf
 
-from eqdp_tf.models.names import ARCHITECTURES
+from eqdp_tf.models.names import ARCHITECTURES, is_so2
 from eqdp_tf.models.resnet9 import equivariant_resnet9
+from eqdp_tf.models.resnet9_so2 import so2_resnet9
 from eqdp_tf.models.wrn import wide_resnet
 
 
-def build_model(architecture="eq_resnet9", group="D4", restrict="D2", head="paper", num_classes=10, **kwargs):
-    """Builds a model by name; ``group``/``restrict``/``head`` apply to the (equivariant) ResNet-9."""
+def build_model(architecture="eq_resnet9", group="D4", restrict="D2", head="paper", num_classes=10,
+                so2_frequency=1, so2_norm_centering="all", **kwargs):
+    """Builds a model by name; ``group``/``restrict``/``head`` apply to the (equivariant) ResNet-9, and
+    ``so2_frequency``/``so2_norm_centering`` to it with ``group='SO2'`` only (``resnet9_so2``)."""
+    if architecture == "eq_resnet9" and is_so2(group):
+        return so2_resnet9(frequency=so2_frequency, restrict=restrict, head=head, num_classes=num_classes,
+                           norm_centering=so2_norm_centering, **kwargs)
     if architecture == "eq_resnet9":
         return equivariant_resnet9(group=group, restrict=restrict, head=head, num_classes=num_classes, **kwargs)
     if architecture == "wrn16_4":

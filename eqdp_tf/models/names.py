@@ -35,3 +35,18 @@ def variant_options(variant, **overrides):
 def restricted_group(restrict):
     """The subgroup named by a --restrict value, or None for no restriction (None, '', 'none' in any case)."""
     return None if restrict is None or str(restrict).strip().lower() in ("", "none") else str(restrict)
+
+
+# The continuous rotation group (the official code's 'group: orthogonal'): band-limited fields of maximum frequency
+# --so2_frequency, the last stages restricted to the trivial group C1 (its only restriction that builds).
+SO2 = "SO2"
+SO2_RESTRICTION = "C1"
+# GroupNorm over band-limited fields: 'all' centres every coefficient by one mean (the official code's, not
+# equivariant); 'invariant' centres the frequency-0 coefficients only (equivariant). See
+# layers.BandLimitedGroupNormalization.
+SO2_NORM_CENTERINGS = ("all", "invariant")
+
+
+def is_so2(group):
+    """True for the name of the continuous rotation group ('SO2', any case)."""
+    return isinstance(group, str) and group.strip().upper() == SO2

@@ -7,6 +7,7 @@
 A conv block is 3x3 group conv -> Mish -> non-affine equivariant GroupNorm (``norm_groups``
 requested; how many are used when they do not divide the field count: ``norm_rule``) -> optional 2x2 max pool.
 With the trivial group C1 the same code is the ordinary (non-equivariant) ResNet-9 baseline of the same layout.
+The continuous rotation group SO(2) has its own builder (``resnet9_so2``), which shares the last stages.
 
 ``variant`` ('official' or 'dense', ``names.VARIANTS``) sets the convolutions' basis and standardisation, the norm
 rule, the bias scale and the head's initialisation; each can be switched on its own by its keyword. The official
@@ -36,7 +37,7 @@ def stage_fields(layout, order):
     return max(1, int(layout * math.sqrt(order * _WIDTH_CONSTANT) / order))
 
 
-class _Builder:
+class Builder:
     """Keeps the naming, the convolutions' options and the norm-group rule in one place while the graph is wired."""
 
     def __init__(self, norm_groups, dtype, options):
@@ -100,17 +101,12 @@ def equivariant_resnet9(
     g = layers.get_group(group)
     h = g if restricted_group(restrict) is None else layers.get_group(restrict)
     g.subgroup_embedding(h)  # raises ValueError when h is not a subgroup of g
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if len(layout) != 3 or any(int(w) < 1 for w in layout):
-        raise ValueError(f"layout must be three positive widths, got {layout!r}")
-    if image_shape[0] != image_shape[1] or image_shape[0] % 8:
-        raise ValueError(f"image_shape must be square with a side divisible by 8, got {image_shape!r}")
+    check_shape(head, layout, image_shape)
     f1, f2 = stage_fields(layout[0], g.order), stage_fields(layout[1], g.order)
     f3 = stage_fields(layout[2], h.order)
     options = variant_options(variant, basis=basis, weight_standardization=weight_standardization,
                               norm_rule=norm_rule, bias_scale=bias_scale, head_init=head_init)
-    build = _Builder(norm_groups, dtype, options)
+    build = Builder(norm_groups, dtype, options)
 
     inputs, x = preprocessing.standardized_input(image_shape)
     x = build.conv_block(x, f1, g, "stage1", lifting=True)
@@ -119,18 +115,35 @@ def equivariant_resnet9(
     x = build.conv_block(x, f3, g, "stage3", pool=True)
     if h != g:
         x = layers.RestrictToSubgroup(g, h, name="restrict", dtype=dtype)(x)
-    x = build.conv_block(x, f3, h, "stage4", pool=True)
-    x = build.residual(x, f3, h, "res2")
-    x = layers.GroupPooling(h, "max", name="group_pool", dtype=dtype)(x)
+    logits = last_stages(build, x, f3, h, head, image_shape, num_classes)
+    restricted = f"-{h.name}" if h != g else ""
+    return tf.keras.Model(inputs, logits, name=name or f"eq_resnet9_{g.name}{restricted}_{head}")
+
+
+def check_shape(head, layout, image_shape):
+    """One-line errors for a head, layout or image shape the ResNet-9 cannot be built with."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if len(layout) != 3 or any(int(w) < 1 for w in layout):
+        raise ValueError(f"layout must be three positive widths, got {layout!r}")
+    if image_shape[0] != image_shape[1] or image_shape[0] % 8:
+        raise ValueError(f"image_shape must be square with a side divisible by 8, got {image_shape!r}")
+
+
+def last_stages(build, x, fields, group, head, image_shape, num_classes):
+    """The stages after the restriction, over ``group``: conv block + pool, residual, group pooling, head; the
+    logits. (Shared by the SO(2) model, whose last stages are over C1.)"""
+    dtype = build.dtype
+    x = build.conv_block(x, fields, group, "stage4", pool=True)
+    x = build.residual(x, fields, group, "res2")
+    x = layers.GroupPooling(group, "max", name="group_pool", dtype=dtype)(x)
     if head == "paper":
         x = layers.SpatialPooling2D(image_shape[0] // 16, "mean", name="head_pool", dtype=dtype)(x)
         x = tf.keras.layers.Flatten(name="flatten", dtype=dtype)(x)
     else:
         x = tf.keras.layers.GlobalAveragePooling2D(name="head_pool", dtype=dtype)(x)
-    logits = tf.keras.layers.Dense(num_classes, name="logits", dtype="float32",
-                                   **_head_initializers(options["head_init"], int(x.shape[-1])))(x)
-    restricted = f"-{h.name}" if h != g else ""
-    return tf.keras.Model(inputs, logits, name=name or f"eq_resnet9_{g.name}{restricted}_{head}")
+    return tf.keras.layers.Dense(num_classes, name="logits", dtype="float32",
+                                 **_head_initializers(build.options["head_init"], int(x.shape[-1])))(x)
 
 
 def _head_initializers(head_init, fan_in):

@@ -40,7 +40,8 @@ def build_model(cfg):
         return models.build_model(cfg.architecture, weight_standardization=cfg.wrn_weight_standardization)
     return models.build_model(cfg.architecture, group=cfg.group, restrict=cfg.restricted_group, head=cfg.head,
                               variant=cfg.model_variant, basis=cfg.conv_basis,
-                              weight_standardization=cfg.conv_weight_standardization, norm_rule=cfg.norm_group_rule)
+                              weight_standardization=cfg.conv_weight_standardization, norm_rule=cfg.norm_group_rule,
+                              so2_frequency=cfg.so2_frequency, so2_norm_centering=cfg.so2_norm_centering)
 
 
 def evaluate(predict, dataset):
