@@ -19,7 +19,7 @@ from layers import _fields
 from layers import so2
 from layers import steerable
 from layers import steerable_so2
-from layers.conv import _SteerableInitializer, standardize_layer
+from layers.conv import _SteerableInitializer, standardization_vjp, standardize_layer
 from layers.kernel_conv import BuiltKernelConv2D
 
 
@@ -96,15 +96,7 @@ class BandLimitedConv2D(BuiltKernelConv2D):
                            [-1, self.kernel_size**2, self.kernel.shape[1], d_in, self.filters, d_out])
         coefficient_grads = tf.einsum("dpio,bpcifo->bdcf", self._basis, grads)
         if self.weight_standardization:
-            weights = tf.cast(self.kernel, tf.float32)
-
-            def through_standardization(cotangent):
-                with tf.GradientTape() as tape:
-                    tape.watch(weights)
-                    standardized = standardize_layer(weights)
-                return tape.gradient(standardized, weights, output_gradients=cotangent)
-
-            coefficient_grads = tf.vectorized_map(through_standardization, coefficient_grads)
+            coefficient_grads = standardization_vjp(self.kernel, coefficient_grads)
         return [(self.kernel, tf.cast(coefficient_grads, self.kernel.dtype))]
 
     def get_config(self):
