@@ -241,14 +241,15 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
 
     tf.keras.utils.set_random_seed(cfg.seed)
     rng = np.random.default_rng([seed, 0xA0D1])
-    train_images, train_labels, _, _ = loop.load_data(cfg)
+    loaded = loop.load_data(cfg)
+    train_images, train_labels = loaded.train_images, loaded.train_labels
     num_examples = len(train_labels)
     sampler = plan_lib.make_sampler(cfg, num_examples, seed=int(rng.integers(2**62)))
     q = cfg.batch_size / num_examples
     sigma = plan_lib.resolve_noise(cfg, q)
     accountant_epsilon = accounting.compute_epsilon(sigma, q, cfg.steps, cfg.delta)
 
-    model = model_fn() if model_fn is not None else loop.build_model(cfg)
+    model = model_fn() if model_fn is not None else loop.build_model(cfg, loaded.description)
     clip = 1e12 if broken else cfg.l2_norm_clip  # "no clipping": a bound no gradient reaches
     optimizer = DPKerasSGDOptimizer(l2_norm_clip=clip, noise_multiplier=0.0 if broken else sigma,
                                     expected_batch_size=sampler.expected_batch_size,
@@ -257,7 +258,7 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
     canaries = _Canaries(model.trainable_variables, num_canaries, rng, canary_scale * cfg.l2_norm_clip)
     initial = canaries.weights()
     dataset = data_lib.make_train_dataset(train_images, train_labels, sampler, cfg.num_views, cfg.seed,
-                                          num_steps=cfg.steps)
+                                          num_steps=cfg.steps, crop_padding=loaded.description.crop_padding)
     _train_with_canaries(cfg, step_fn, optimizer, dataset, canaries, q, rng, broken, verbose)
     scores = (initial - canaries.weights())[canaries.coords]
     included = canaries.included
