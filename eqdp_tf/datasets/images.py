@@ -20,6 +20,7 @@ from eqdp_tf.errors import DataError, one_line
 # What tf.keras.utils.image_dataset_from_directory reads, and tf.io.decode_image decodes.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 SIZE_RULE = "center-cropped to a square, then resized to {size}x{size} (bilinear, antialiased)"
+_JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 # Resizing whole arrays (CIFAR, .npz, TFDS) goes this many images at a time, to bound the float32 copy.
 _CHUNK = 1024
 
@@ -32,6 +33,9 @@ def decode_file(path):
             contents = f.read()
     except OSError as err:
         raise DataError(f"cannot read {path}: {one_line(err)}") from None
+    if contents.startswith(_JPEG_START) and _JPEG_END not in contents[2:]:
+        # Checked before decoding: libjpeg reports some truncations by printing to stderr itself.
+        raise DataError(f"{path} is not a readable image: a truncated JPEG (no end-of-image marker)")
     try:
         image = tf.io.decode_image(contents, channels=0, expand_animations=False)
     except (tf.errors.OpError, ValueError) as err:
