@@ -149,13 +149,19 @@ class AuditResult:
                 f"accountant epsilon {self.accountant_epsilon:.3f} (delta {self.delta}) -> {verdict}")
 
 
-def small_model(num_classes=10):
-    """A small CNN (about 36k weights) for quick audits of the DP machinery."""
+def small_model(dataset=None):
+    """A small CNN (about 36k weights on CIFAR-10) for quick audits of the DP machinery, for the images and classes
+    of ``dataset`` (a ``datasets.DatasetDescription``; None: CIFAR-10's)."""
     import tensorflow as tf
 
     from eqdp_tf.models import preprocessing
 
-    inputs, x = preprocessing.standardized_input()
+    if dataset is None:
+        inputs, x = preprocessing.standardized_input()
+        num_classes = 10
+    else:
+        inputs, x = preprocessing.standardized_input(tuple(dataset.image_shape), dataset.mean, dataset.std)
+        num_classes = dataset.num_classes
     x = tf.keras.layers.Conv2D(16, 3, strides=2, name="conv")(x)
     x = tf.keras.layers.Activation("relu")(x)
     x = tf.keras.layers.Flatten()(x)
@@ -221,8 +227,9 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
               canary_scale=10.0, seed=0, verbose=False) -> AuditResult:
     """Trains ``cfg`` (a TrainConfig; its output_dir is not used) once with canaries; returns the audit.
 
-    ``model_fn()`` replaces the configured architecture (e.g. ``small_model``). ``broken=True`` trains without
-    noise and without clipping, but the accountant's epsilon is still that of the configured settings.
+    ``model_fn(description)`` (given the dataset's ``DatasetDescription``) replaces the configured architecture (e.g.
+    ``small_model``). ``broken=True`` trains without noise and without clipping, but the accountant's epsilon is
+    still that of the configured settings.
     """
     # The arguments first: a bad one is refused before TensorFlow loads (and logs).
     if not cfg.dp:
@@ -249,7 +256,7 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
     sigma = plan_lib.resolve_noise(cfg, q)
     accountant_epsilon = accounting.compute_epsilon(sigma, q, cfg.steps, cfg.delta)
 
-    model = model_fn() if model_fn is not None else loop.build_model(cfg, loaded.description)
+    model = model_fn(loaded.description) if model_fn is not None else loop.build_model(cfg, loaded.description)
     clip = 1e12 if broken else cfg.l2_norm_clip  # "no clipping": a bound no gradient reaches
     optimizer = DPKerasSGDOptimizer(l2_norm_clip=clip, noise_multiplier=0.0 if broken else sigma,
                                     expected_batch_size=sampler.expected_batch_size,
