@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dataset_files as files
-from conftest import REPO_ROOT, snapshot, subprocess_env
+from conftest import REPO_ROOT, one_error_line, run_concurrently, snapshot, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -93,32 +93,17 @@ def runs(tmp_path_factory):
         flags = [dataset, *FLAGS, *extra, f"--output_dir={root / 'out'}"]
         proc = subprocess.Popen([sys.executable, TRAIN_PY, *flags], cwd=cwd, env=subprocess_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        return root, data, before, proc
+        return dict(root=root, data=data, before=before), proc
 
-    pending, running, results = list(CASES), {}, {}
-    while pending or running:
-        while pending and len(running) < CONCURRENT:
-            case = pending.pop(0)
-            running[case] = start(case)
-        case = next(iter(running))
-        root, data, before, proc = running.pop(case)
-        stdout, stderr = proc.communicate(timeout=300)
-        results[case] = dict(root=root, data=data, before=before, code=proc.returncode, stdout=stdout,
-                             stderr=stderr)
-    return results
+    return run_concurrently(CASES, start, CONCURRENT)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_dataset_is_one_line_exit_2_and_writes_nothing(runs, case):
     run = runs[case]
-    stderr = run["stderr"]
-    assert run["code"] == 2, stderr[-3000:]
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ")
+    line = one_error_line(run["code"], run["stderr"])
     for fragment in CASES[case][2]:
-        assert fragment.replace("DATA", str(run["data"])) in lines[0], lines[0]
+        assert fragment.replace("DATA", str(run["data"])) in line, line
     assert not (run["root"] / "out").exists()  # no run folder
     assert os.listdir(run["root"] / "cwd") == []
     assert snapshot(run["data"]) == run["before"]
