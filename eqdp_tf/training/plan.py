@@ -99,7 +99,6 @@ def run_config(cfg, dataset=None):
     return {**cfg.to_json(), **({DATASET_KEY: dataset.to_json()} if dataset is not None else {})}
 
 
-
 def prepare_output_dir(cfg, dataset=None):
     """Creates the run folder, or checks that an existing one holds this same run (then it resumes).
 
