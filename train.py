@@ -1,6 +1,7 @@
-"""Train an equivariant CNN on CIFAR-10 with DP-SGD.
+"""Train an equivariant CNN with DP-SGD on CIFAR-10, or on another dataset (--dataset, docs/datasets.md).
 
     python train.py --flagfile=configs/cifar10.cfg [--output_dir=runs/x ...]
+    python train.py --flagfile=configs/own_images.cfg --dataset=folder:my_images
 
 Mistakes in flags, data or the output folder end with a one-line error and exit code 2. Rerunning the
 same command resumes an interrupted run. SIGINT/SIGTERM stop cleanly after writing a checkpoint, with exit

@@ -149,13 +149,19 @@ class AuditResult:
                 f"accountant epsilon {self.accountant_epsilon:.3f} (delta {self.delta}) -> {verdict}")
 
 
-def small_model(num_classes=10):
-    """A small CNN (about 36k weights) for quick audits of the DP machinery."""
+def small_model(dataset=None):
+    """A small CNN (about 36k weights on CIFAR-10) for quick audits of the DP machinery, for the images and classes
+    of ``dataset`` (a ``datasets.DatasetDescription``; None: CIFAR-10's)."""
     import tensorflow as tf
 
     from eqdp_tf.models import preprocessing
 
-    inputs, x = preprocessing.standardized_input()
+    if dataset is None:
+        inputs, x = preprocessing.standardized_input()
+        num_classes = 10
+    else:
+        inputs, x = preprocessing.standardized_input(tuple(dataset.image_shape), dataset.mean, dataset.std)
+        num_classes = dataset.num_classes
     x = tf.keras.layers.Conv2D(16, 3, strides=2, name="conv")(x)
     x = tf.keras.layers.Activation("relu")(x)
     x = tf.keras.layers.Flatten()(x)
@@ -221,8 +227,9 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
               canary_scale=10.0, seed=0, verbose=False) -> AuditResult:
     """Trains ``cfg`` (a TrainConfig; its output_dir is not used) once with canaries; returns the audit.
 
-    ``model_fn()`` replaces the configured architecture (e.g. ``small_model``). ``broken=True`` trains without
-    noise and without clipping, but the accountant's epsilon is still that of the configured settings.
+    ``model_fn(description)`` (given the dataset's ``DatasetDescription``) replaces the configured architecture (e.g.
+    ``small_model``). ``broken=True`` trains without noise and without clipping, but the accountant's epsilon is
+    still that of the configured settings.
     """
     # The arguments first: a bad one is refused before TensorFlow loads (and logs).
     if not cfg.dp:
@@ -241,14 +248,15 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
 
     tf.keras.utils.set_random_seed(cfg.seed)
     rng = np.random.default_rng([seed, 0xA0D1])
-    train_images, train_labels, _, _ = loop.load_data(cfg)
+    loaded = loop.load_data(cfg)
+    train_images, train_labels = loaded.train_images, loaded.train_labels
     num_examples = len(train_labels)
     sampler = plan_lib.make_sampler(cfg, num_examples, seed=int(rng.integers(2**62)))
     q = cfg.batch_size / num_examples
     sigma = plan_lib.resolve_noise(cfg, q)
     accountant_epsilon = accounting.compute_epsilon(sigma, q, cfg.steps, cfg.delta)
 
-    model = model_fn() if model_fn is not None else loop.build_model(cfg)
+    model = model_fn(loaded.description) if model_fn is not None else loop.build_model(cfg, loaded.description)
     clip = 1e12 if broken else cfg.l2_norm_clip  # "no clipping": a bound no gradient reaches
     optimizer = DPKerasSGDOptimizer(l2_norm_clip=clip, noise_multiplier=0.0 if broken else sigma,
                                     expected_batch_size=sampler.expected_batch_size,
@@ -257,7 +265,7 @@ def run_audit(cfg, num_canaries=1000, confidence=0.95, broken=False, model_fn: O
     canaries = _Canaries(model.trainable_variables, num_canaries, rng, canary_scale * cfg.l2_norm_clip)
     initial = canaries.weights()
     dataset = data_lib.make_train_dataset(train_images, train_labels, sampler, cfg.num_views, cfg.seed,
-                                          num_steps=cfg.steps)
+                                          num_steps=cfg.steps, crop_padding=loaded.description.crop_padding)
     _train_with_canaries(cfg, step_fn, optimizer, dataset, canaries, q, rng, broken, verbose)
     scores = (initial - canaries.weights())[canaries.coords]
     included = canaries.included

@@ -9,12 +9,13 @@ import json
 import math
 import re
 import sys
-from typing import Optional
+from typing import List, Optional
 
 from absl import flags
 
 from layers import groups as groups_lib
 from eqdp_tf.checks import finite_number, whole_number
+from eqdp_tf.datasets.spec import parse_spec
 from eqdp_tf.errors import ConfigError, one_line
 from eqdp_tf.models import ARCHITECTURES, HEADS
 from eqdp_tf.models.names import (CONV_BASES, NORM_RULES, SO2_NORM_CENTERINGS, SO2_RESTRICTION, VARIANTS, is_so2,
@@ -79,6 +80,16 @@ class TrainConfig:
     data_dir: Optional[str] = None
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
+    # dataset (eqdp_tf.datasets): which images, and how they are prepared
+    dataset: str = "cifar10"  # cifar10, cifar100, tiny_imagenet, imagenette, tfds:NAME[/CONFIG], folder:PATH, npz:PATH
+    train_split: Optional[str] = None  # tfds: only (None: 'train')
+    test_split: Optional[str] = None  # tfds: only (None: 'test', else 'validation')
+    test_fraction: float = 0.1  # folder: without train/ and test/: the share of the images held out for testing
+    split_seed: int = 0  # ... drawn with this seed
+    image_size: Optional[int] = None  # resize every image to this square size (None: as they are; the official size)
+    normalization_mean: Optional[List[float]] = None  # per channel (None: official, or computed from the data)
+    normalization_std: Optional[List[float]] = None
+    crop_padding: int = 4  # the augmentation's reflect padding; the official code's 4 at every size
     # program
     output_dir: str = "runs/cifar10"
     eval_every: int = 100
@@ -143,6 +154,7 @@ class TrainConfig:
                                          or self.dp_seed < 0):
             raise ConfigError(f"--dp_seed must be a whole number >= 0 or unset; got {self.dp_seed!r}")
         self._validate_groups()
+        self._validate_dataset()
         if self.architecture == "wrn16_4" and (self.group.upper() != "C1" or self.restricted_group is not None):
             raise ConfigError("--architecture=wrn16_4 is not equivariant: use it with --group=C1 --restrict=none")
         self._validate_privacy()
@@ -190,6 +202,29 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be > 0; got {getattr(self, name)}")
 
+    def _validate_dataset(self):
+        kind = parse_spec(self.dataset).kind
+        if kind != "tfds" and (self.train_split is not None or self.test_split is not None):
+            raise ConfigError("--train_split/--test_split name TFDS splits: they apply only to --dataset=tfds:NAME")
+        if kind in ("folder", "npz") and self.data_dir is not None:
+            raise ConfigError(f"--data_dir does not apply to --dataset={kind}:PATH (the path is part of --dataset)")
+        finite_number("--test_fraction", self.test_fraction, above=0)
+        if not self.test_fraction < 1:
+            raise ConfigError(f"--test_fraction must be in (0, 1); got {self.test_fraction}")
+        whole_number("--split_seed", self.split_seed)
+        whole_number("--crop_padding", self.crop_padding)
+        if self.image_size is not None:
+            whole_number("--image_size", self.image_size, at_least=1)
+        given = [name for name in ("normalization_mean", "normalization_std") if getattr(self, name) is not None]
+        if len(given) == 1:
+            raise ConfigError("give both --normalization_mean and --normalization_std, or neither")
+        for name in given:
+            values = getattr(self, name)
+            if not values:
+                raise ConfigError(f"--{name} needs one value per channel (or one for all)")
+            for value in values:
+                finite_number(f"--{name}", value, above=0 if name == "normalization_std" else None)
+
     def _validate_groups(self):
         if is_so2(self.group):
             if self.architecture != "eq_resnet9":
@@ -232,6 +267,10 @@ class TrainConfig:
     # them only with --allow_privacy_change; epsilon then composes the steps taken under each setting.
     PRIVACY_SETTINGS = ("noise_multiplier", "target_epsilon", "l2_norm_clip", "delta", "batch_size", "train_subset",
                         "simulated_batch_size")
+    # The dataset's: the test split changes only what is evaluated; the others choose the training examples (N and
+    # which ones, as --train_subset does).
+    RESUMABLE_CHANGES += ("test_split",)
+    PRIVACY_SETTINGS += ("train_split", "test_fraction", "split_seed")
 
     # What a config.json written before a setting existed meant by leaving it out.
     LEGACY_VALUES = {"model_variant": "dense", "conv_basis": "dense", "conv_weight_standardization": False,
@@ -261,6 +300,28 @@ def _optional_number(value, cast, name):
         return cast(value)
     except (TypeError, ValueError):
         raise ConfigError(f"--{name} must be a number or 'none'; got {value!r}") from None
+
+
+def _number_list(values, name):
+    """Floats of a comma-separated flag (None: unset)."""
+    if values is None:
+        return None
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise ConfigError(f"--{name} must be numbers separated by commas; got {','.join(values)!r}") from None
+
+
+def _check_dataset_flags(f):
+    """Refuses held-out-test flags set for a dataset that has its own test set. Only a value that would change
+    something is refused: the default is what every run's config.json holds, and replaying those flags must work."""
+    if not hasattr(f, "__getitem__") or "dataset" not in f:
+        return
+    kind, defaults = parse_spec(f.dataset).kind, TrainConfig()
+    for name in ("test_fraction", "split_seed"):
+        if _given(f, name) and getattr(f, name) != getattr(defaults, name) and kind != "folder":
+            raise ConfigError(f"--{name} draws a test set from a class folder: it applies only to "
+                              "--dataset=folder:PATH")
 
 
 def define_flags():
@@ -326,9 +387,30 @@ def define_flags():
     flags.DEFINE_boolean("allow_privacy_change", d.allow_privacy_change,
                          "Resume a run with different privacy settings (sigma, batch size, clip, delta, dataset "
                          "size); epsilon then composes the steps taken under each.")
-    flags.DEFINE_string("data_dir", None, "Folder with cifar-10-batches-bin or -py; unset: TFDS (downloads).")
+    flags.DEFINE_string("data_dir", None, "A local copy of the --dataset: the folder with cifar-10-batches-bin or -py "
+                        "(cifar-100-binary or -python), tiny-imagenet-200, imagenette-160; for tfds:, TFDS's data "
+                        "folder. Unset: TFDS (downloads).")
     flags.DEFINE_integer("train_subset", None, "Use only the first N training examples.")
     flags.DEFINE_integer("test_subset", None, "Evaluate on only the first N test examples.")
+    # dataset (eqdp_tf.datasets)
+    flags.DEFINE_string("dataset", d.dataset, "cifar10, cifar100, tiny_imagenet, imagenette (the official code's), "
+                        "tfds:NAME[/CONFIG] (a TFDS dataset with 'image' and 'label'), folder:PATH (one subfolder of "
+                        "images per class, or train/ and test/ with such subfolders), npz:PATH (MedMNIST's layout).")
+    flags.DEFINE_string("train_split", None, "tfds: only: the training split (default 'train'; slices such as "
+                        "'train[:90%]' work).")
+    flags.DEFINE_string("test_split", None, "tfds: only: the test split (default 'test', else 'validation').")
+    flags.DEFINE_float("test_fraction", d.test_fraction, "folder: without train/ and test/: the share of the images "
+                       "held out for testing, drawn with --split_seed.")
+    flags.DEFINE_integer("split_seed", d.split_seed, "Seed of the --test_fraction draw (public: it is in config.json).")
+    flags.DEFINE_integer("image_size", None, "Resize every image to this square size: center-crop to a square, then "
+                         "resize (bilinear, antialiased). Unset: the images as they are (the official datasets: 32, "
+                         "64, 160); images of different sizes then are an error.")
+    flags.DEFINE_list("normalization_mean", None, "Per-channel mean of pixels scaled to [0, 1], comma-separated (one "
+                      "value: every channel). Unset: the official constants, else computed from the training images "
+                      "(outside the DP guarantee: give these to avoid it).")
+    flags.DEFINE_list("normalization_std", None, "Per-channel std, as --normalization_mean.")
+    flags.DEFINE_integer("crop_padding", d.crop_padding, "Reflect padding of the augmentation's random crops, in "
+                         "pixels (the official code's 4 at every image size).")
     flags.DEFINE_string("output_dir", d.output_dir, "Run folder: checkpoints, metrics, privacy.json, export.")
     flags.DEFINE_integer("eval_every", d.eval_every, "Evaluate test accuracy every N steps (and at the end).")
     flags.DEFINE_integer("eval_batch_size", d.eval_batch_size, "Batch size for evaluation.")
@@ -369,6 +451,9 @@ def config_from_flags(values=None):
     kwargs["noise_multiplier"] = _optional_number(f.noise_multiplier, float, "noise_multiplier")
     kwargs["target_epsilon"] = _optional_number(f.target_epsilon, float, "target_epsilon")
     kwargs["max_epsilon"] = _optional_number(f.max_epsilon, float, "max_epsilon")
+    for name in ("normalization_mean", "normalization_std"):
+        kwargs[name] = _number_list(kwargs.get(name), name)
+    _check_dataset_flags(f)
     if kwargs.get("data_dir") == "":  # --data_dir= (e.g. to override a flagfile's folder): TFDS
         kwargs["data_dir"] = None
     if kwargs["noise_multiplier"] is not None and not _given(f, "target_epsilon"):

@@ -1,10 +1,11 @@
 """Export for serving: EMA weights -> frozen plain convs -> a versioned SavedModel.
 
 Layout as TF Serving expects: ``<export_dir>/<version>/saved_model.pb`` + ``variables/``. The
-``serving_default`` signature takes a uint8 batch ``images [None, 32, 32, 3]`` and returns
-``probabilities [None, classes]`` and ``classes [None]`` (int64). Loading needs only TensorFlow
-(``tf.saved_model.load``), no project code. The training program puts the run's privacy.json beside it in
-``assets.extra/`` (TF Serving's folder for files it does not load), so an exported model carries its guarantee.
+``serving_default`` signature takes a uint8 batch ``images [None, H, W, C]`` (the model's input shape, e.g.
+[None, 32, 32, 3] for CIFAR) and returns ``probabilities [None, classes]`` and ``classes [None]`` (int64). Loading
+needs only TensorFlow (``tf.saved_model.load``), no project code. The training program puts the run's privacy.json
+and its dataset's description (dataset.json) beside it in ``assets.extra/`` (TF Serving's folder for files it does
+not load), so an exported model carries its guarantee and what it was trained on.
 """
 
 import json

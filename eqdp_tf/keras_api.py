@@ -342,8 +342,8 @@ class PrivateModel(tf.keras.Model):
         return self.settings.epsilon(self.noise_multiplier, int(self.dp_steps.numpy()))
 
     def poisson_batches(self, images, labels, *, physical_batch_size, num_views=1, seed=0):
-        """Poisson-sampled logical batches (rate q = batch_size / dataset_size) of uint8 [N, 32, 32, 3] images as
-        padded, masked physical batches: ``({"views": [P, K, 32, 32, 3], "mask": [P], "last": bool}, labels)``.
+        """Poisson-sampled logical batches (rate q = batch_size / dataset_size) of uint8 [N, H, W, C] images as
+        padded, masked physical batches: ``({"views": [P, K, H, W, C], "mask": [P], "last": bool}, labels)``.
 
         An endless stream that starts, each time it is iterated, at the first logical step this model has not
         taken yet, so no sampling is ever repeated. The sampling comes from the model's key (secret unless

@@ -57,6 +57,31 @@ def snapshot(folder):
     return files
 
 
+def run_concurrently(cases, start, concurrent):
+    """Runs the processes ``start(case)`` starts, ``concurrent`` at a time (each is mostly TensorFlow's start-up);
+    ``start`` returns (a dict about the case, its Popen). Returns {case: that dict with code, stdout and stderr}."""
+    pending, running, results = list(cases), {}, {}
+    while pending or running:
+        while pending and len(running) < concurrent:
+            case = pending.pop(0)
+            running[case] = start(case)
+        case = next(iter(running))
+        info, proc = running.pop(case)
+        stdout, stderr = proc.communicate(timeout=300)
+        results[case] = dict(info, code=proc.returncode, stdout=stdout, stderr=stderr)
+    return results
+
+
+def one_error_line(code, stderr):
+    """The line ``error: ...`` a user's mistake ends with: exit code 2, no traceback, nothing else on stderr."""
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
 def flags_for(cfg):
     """train.py flags reproducing the TrainConfig ``cfg`` (None-valued settings left at their flag default)."""
     flags = []

@@ -124,6 +124,6 @@ def test_only_dp_seed_says_it_seeds_the_batches_or_the_noise():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     helps = {name: text.lower() for name, text in json.loads(done.stdout).items()}
-    assert set(helps) == {"seed", "dp_seed"}
+    assert set(helps) == {"seed", "dp_seed", "split_seed"}
     for name, text in helps.items():
         assert ("sampling" in text and "noise" in text) == (name == "dp_seed"), (name, text)

@@ -1,200 +1,15 @@
-"""Tests for eqdp_tf.data: loading, samplers, augmentation multiplicity and the tf.data pipelines."""
-
-import os
-import pickle
-import sys
-import types
+"""Tests for eqdp_tf.data: samplers, augmentation multiplicity and the tf.data pipelines (loading: test_datasets*)."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CIFAR10_DIR, HAVE_CIFAR10
 from eqdp_tf import data
 from eqdp_tf.errors import ConfigError, DataError
 
-RECORD = 3073
 
-
-def _needs_real_data():
-    if not HAVE_CIFAR10:
-        pytest.skip(f"CIFAR-10 binary copy not found at {CIFAR10_DIR}")
-
-
-@pytest.fixture(scope="module")
-def train_set():
-    _needs_real_data()
-    return data.load_cifar10("train", CIFAR10_DIR)
-
-
-def _write_bin(path, labels, images):
-    """Writes records in the official layout: label byte, then R, G, B planes."""
-    planes = images.transpose(0, 3, 1, 2).reshape(len(labels), -1)
-    records = np.concatenate([np.asarray(labels, np.uint8)[:, None], planes], axis=1)
-    path.write_bytes(records.astype(np.uint8).tobytes())
-
-
-def _random_images(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading the real binary copy
-
-
-def test_real_train_split_matches_documented_values(train_set):
-    images, labels = train_set
-    assert images.shape == (50000, 32, 32, 3) and images.dtype == np.uint8
-    assert labels.shape == (50000,) and labels.dtype == np.int64
-    np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.full(10, 5000))
-    red_row0 = [59, 43, 50, 68, 98, 119, 139, 145, 149, 149, 131, 125, 142, 144, 137, 129]
-    np.testing.assert_array_equal(images[0, 0, :16, 0], red_row0)
-    mean = images.reshape(-1, 3).mean(axis=0, dtype=np.float64) / 255.0
-    np.testing.assert_allclose(mean, [0.491400, 0.482158, 0.446531], atol=1e-5)
-    np.testing.assert_allclose(mean, data.CIFAR10_MEAN, atol=1e-3)
-
-
-def test_real_train_std_matches_constant(train_set):
-    images, _ = train_set
-    std = (images[:10000].reshape(-1, 3) / 255.0).std(axis=0)
-    np.testing.assert_allclose(std, data.CIFAR10_STD, atol=5e-3)
-
-
-def test_real_test_split_from_parent_folder():
-    _needs_real_data()
-    images, labels = data.load_cifar10("test", os.path.dirname(CIFAR10_DIR))
-    assert images.shape == (10000, 32, 32, 3) and labels.shape == (10000,)
-    np.testing.assert_array_equal(images[0, 0, 0], [158, 112, 49])
-
-
-def test_subset_takes_first_examples(train_set):
-    images, labels = data.load_cifar10("train", CIFAR10_DIR, subset=7)
-    np.testing.assert_array_equal(images, train_set[0][:7])
-    np.testing.assert_array_equal(labels, train_set[1][:7])
-
-
-# ----------------------------------------------------------------------------------------------
-# Python-pickle format and small synthetic folders
-
-
-def _write_pickle_folder(folder, counts, seed=0):
-    folder.mkdir(parents=True)
-    expected_images, expected_labels = [], []
-    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        images = _random_images(counts, seed + i)
-        labels = list(np.random.default_rng(seed + 100 + i).integers(0, 10, counts))
-        flat = images.transpose(0, 3, 1, 2).reshape(counts, -1)  # CHW rows, as in the official pickles
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": flat, b"labels": [int(v) for v in labels], b"batch_label": b"fake"}, f)
-        expected_images.append(images)
-        expected_labels.append(labels)
-    return expected_images, expected_labels
-
-
-def test_pickle_format_loads_from_parent_and_direct_folder(tmp_path):
-    images, labels = _write_pickle_folder(tmp_path / "cifar-10-batches-py", counts=3)
-    for data_dir in [tmp_path, tmp_path / "cifar-10-batches-py"]:
-        train_x, train_y = data.load_cifar10("train", str(data_dir))
-        assert train_x.shape == (15, 32, 32, 3) and train_x.dtype == np.uint8 and train_y.dtype == np.int64
-        np.testing.assert_array_equal(train_x, np.concatenate(images[:5]))
-        np.testing.assert_array_equal(train_y, np.concatenate(labels[:5]))
-    test_x, test_y = data.load_cifar10("test", str(tmp_path))
-    np.testing.assert_array_equal(test_x, images[5])
-    np.testing.assert_array_equal(test_y, labels[5])
-
-
-def test_small_bin_file_round_trips(tmp_path):
-    images = _random_images(4)
-    _write_bin(tmp_path / "test_batch.bin", [0, 9, 3, 5], images)
-    loaded_x, loaded_y = data.load_cifar10("test", str(tmp_path))
-    np.testing.assert_array_equal(loaded_x, images)
-    np.testing.assert_array_equal(loaded_y, [0, 9, 3, 5])
-
-
-# ----------------------------------------------------------------------------------------------
-# User-facing errors
-
-
-def test_missing_folder_is_data_error(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
-        data.load_cifar10("train", str(tmp_path / "nowhere"))
-
-
-def test_folder_without_data_names_what_was_looked_for(tmp_path):
-    (tmp_path / "readme.txt").write_text("nothing here")
-    with pytest.raises(DataError) as info:
-        data.load_cifar10("train", str(tmp_path))
-    message = str(info.value)
-    assert "data_batch_1.bin" in message and "cifar-10-batches-bin" in message and "cifar-10-batches-py" in message
-
-
-def test_incomplete_train_split_names_missing_file(tmp_path):
-    for k in range(1, 5):
-        _write_bin(tmp_path / f"data_batch_{k}.bin", [1], _random_images(1))
-    with pytest.raises(DataError, match="data_batch_5.bin"):
-        data.load_cifar10("train", str(tmp_path))
-
-
-def test_truncated_bin_reports_file_and_sizes(tmp_path):
-    _needs_real_data()
-    with open(os.path.join(CIFAR10_DIR, "test_batch.bin"), "rb") as f:
-        chunk = f.read(3 * RECORD - 100)
-    (tmp_path / "test_batch.bin").write_bytes(chunk)
-    with pytest.raises(DataError) as info:
-        data.load_cifar10("test", str(tmp_path))
-    message = str(info.value)
-    assert "test_batch.bin" in message and str(3 * RECORD - 100) in message and str(RECORD) in message
-
-
-def test_bad_label_byte_is_data_error(tmp_path):
-    _write_bin(tmp_path / "test_batch.bin", [1, 2, 10], _random_images(3))
-    with pytest.raises(DataError, match=r"label 10 at record 2"):
-        data.load_cifar10("test", str(tmp_path))
-
-
-def test_corrupt_pickle_is_data_error(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    (folder / "test_batch").write_bytes(b"\x80\x04this is not a pickle")
-    with pytest.raises(DataError, match="not a readable CIFAR-10 pickle"):
-        data.load_cifar10("test", str(tmp_path))
-
-
-def test_pickle_with_foreign_globals_is_refused(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    (folder / "test_batch").write_bytes(pickle.dumps({b"data": os.getcwd}))
-    with pytest.raises(DataError, match="not allowed"):
-        data.load_cifar10("test", str(tmp_path))
-
-
-@pytest.mark.parametrize("subset", [0, -3, 6, 2.5])
-def test_subset_out_of_range_is_config_error(tmp_path, subset):
-    _write_bin(tmp_path / "test_batch.bin", [0] * 5, _random_images(5))
-    with pytest.raises(ConfigError, match="subset"):
-        data.load_cifar10("test", str(tmp_path), subset=subset)
-
-
-def test_unknown_split_is_config_error():
-    with pytest.raises(ConfigError, match="'train' or 'test'"):
-        data.load_cifar10("validation", "/nonexistent")
-
-
-def test_tfds_failure_names_both_options(monkeypatch):
-    def offline(*args, **kwargs):
-        raise ConnectionError("no route to host")
-
-    # A stand-in module: the real TFDS would try the network, which tests must not depend on. The connection
-    # probe passes (the network seems up), and then the download itself fails.
-    builder = types.SimpleNamespace(is_prepared=lambda: False, download_and_prepare=offline)
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", types.SimpleNamespace(builder=lambda name: builder))
-    monkeypatch.setattr(data, "_check_download_possible", lambda: None)
-    with pytest.raises(DataError) as info:
-        data.load_cifar10("train")
-    message = str(info.value)
-    assert "--data_dir" in message and "cifar-10-batches-bin" in message and "cifar-10-batches-py" in message
-    assert "internet" in message and "no route to host" in message
-
+def _random_images(n, seed=0, shape=(32, 32, 3)):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
 
 # ----------------------------------------------------------------------------------------------
 # Samplers
@@ -305,9 +120,10 @@ def test_shuffle_sampler_rejects_batch_larger_than_dataset():
 def _find_crop(original, view, pad=4):
     """Returns (dy, dx, flipped) such that `view` is that crop of the reflect-padded image, else None."""
     padded = np.pad(original, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    height, width = original.shape[:2]
     for dy in range(2 * pad + 1):
         for dx in range(2 * pad + 1):
-            crop = padded[dy:dy + 32, dx:dx + 32]
+            crop = padded[dy:dy + height, dx:dx + width]
             for flipped, candidate in [(False, crop), (True, crop[:, ::-1])]:
                 if np.array_equal(candidate, view):
                     return dy, dx, flipped
@@ -351,6 +167,21 @@ def test_augmented_views_are_reflect_padded_crops_with_flips():
     # Crops are drawn per image and view, and both flip states occur.
     assert len({(dy, dx) for dy, dx, _ in found}) > 4
     assert {flipped for _, _, flipped in found} == {False, True}
+
+
+@pytest.mark.parametrize("shape, pad", [((20, 20, 1), 2), ((40, 40, 3), 9)])
+def test_crop_padding_sets_the_reach_of_the_crops_at_any_image_shape(shape, pad):
+    images = _random_images(12, seed=5, shape=shape)
+    views = data.augment_views(tf.constant(images), 4, tf.constant([7, 2]), crop_padding=pad).numpy()
+    assert views.shape == (12, 4, *shape)
+    offsets = set()
+    for i in range(12):
+        for k in (1, 2, 3):
+            match = _find_crop(images[i], views[i, k], pad)
+            assert match is not None, f"view {k} of image {i} is not a crop of the image padded by {pad}"
+            offsets.add(match[:2])
+    # Offsets run over 0..2*pad: past the middle (pad), and past the default padding's 0..8 when pad is larger.
+    assert max(max(o) for o in offsets) > min(pad, 8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +249,24 @@ def test_train_dataset_rejects_mismatched_sampler():
     images, labels = _small_training_data()
     with pytest.raises(ConfigError, match="sampler"):
         data.make_train_dataset(images, labels, data.PoissonSampler(10, 0.5, 4, 0), 2, seed=0, num_steps=1)
+
+
+def test_train_dataset_of_grayscale_images_keeps_their_shape_and_rows():
+    images = _random_images(30, seed=2, shape=(28, 28, 1))
+    labels = np.arange(30) % 3
+    sampler = data.PoissonSampler(30, 0.5, 8, seed=1)
+    elements = _collect(data.make_train_dataset(images, labels, sampler, 3, seed=0, num_steps=2, crop_padding=2))
+    assert elements[0]["views"].shape == (8, 3, 28, 28, 1)
+    for step in range(2):
+        for element, batch in zip([e for e in elements if e["step"] == step], sampler.physical_batches(step)):
+            np.testing.assert_array_equal(element["views"][:, 0], images[batch.indices])
+            np.testing.assert_array_equal(element["labels"], labels[batch.indices])
+
+
+def test_pipelines_refuse_images_that_are_not_uint8():
+    images, labels = _small_training_data(4)
+    with pytest.raises(DataError, match=r"uint8 \[N,H,W,C\], got float32"):
+        data.make_eval_dataset(images.astype(np.float32), labels, batch_size=2)
 
 
 def test_eval_dataset_keeps_last_partial_batch():

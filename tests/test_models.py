@@ -283,3 +283,54 @@ def test_bad_wrn_arguments_raise_value_error():
         models.wide_resnet(depth=15)
     with pytest.raises(ValueError, match="width"):
         models.wide_resnet(depth=16, width=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Other image sizes and channel counts (the datasets beyond CIFAR-10)
+
+
+@pytest.mark.parametrize("side", [64, 160])  # Tiny-ImageNet's and ImageNette's sizes in the official code
+def test_paper_model_is_equivariant_at_64_and_160_pixels(side):
+    model = resnet9.equivariant_resnet9(group="D4", restrict="D2", head="paper", image_shape=(side, side, 3),
+                                        dtype="float32")
+    names = models.stage_outputs(model) + ["head_pool"]
+    run = _Cached(tf.keras.Model(model.input, [model.get_layer(name).output for name in names]))
+    x = rng.uniform(0.0, 255.0, size=(1, side, side, 3)).astype("float32")
+    d4 = layers.get_group("D4")
+    d2 = [int(e) for e in d4.subgroup_embedding("D2")]
+    # The paper head's 2x2 average pool still ends on a 2x2 map: the pooling tiles the larger images exactly.
+    assert model.get_layer("head_pool").output_shape[1:3] == (2, 2)
+    for i, name in enumerate(names):
+        restricted = names.index("restrict") <= i
+        if name == "head_pool":  # invariant fields on a 2x2 grid: only the pixels move
+            fields, elements = None, d2
+        else:
+            fields, elements = ("D2", d2) if restricted else ("D4", list(range(d4.order)))
+        errors = testing.check_equivariance(run.fn(i), x, "D4", None, fields, tolerance=1e-4, elements=elements)
+        assert sorted(errors) == elements, name
+
+
+@pytest.mark.parametrize("shape, head, fragments", [
+    ((40, 40, 3), "paper", ["multiple of 16", "e.g. 32 or 48", "got 40x40"]),
+    ((28, 28, 1), "paper", ["multiple of 16", "e.g. 16 or 32", "got 28x28"]),
+    ((64, 48, 3), "paper", ["square images", "got 64x48"]),
+    ((28, 28, 1), "invariant", ["invariant head", "multiple of 8", "e.g. 24 or 32"]),
+])
+def test_sizes_that_would_break_equivariance_are_refused_naming_sizes_that_work(shape, head, fragments):
+    with pytest.raises(ValueError) as caught:
+        models.build_model("eq_resnet9", group="C4", restrict=None, head=head, image_shape=shape)
+    message = str(caught.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    models.check_image_shape("wrn16_4", head, shape)  # the WRN pools globally: it takes any size
+
+
+def test_models_take_any_channel_count_and_their_datasets_normalisation():
+    model = models.build_model("eq_resnet9", group="C4", restrict=None, head="invariant", image_shape=(40, 40, 1),
+                               num_classes=7, mean=(0.3,), std=(0.2,))
+    f1 = resnet9.stage_fields(16, 4)
+    assert model.get_layer("stage1_conv").count_params() == 9 * 1 * f1 + f1
+    assert model.output_shape == (None, 7)
+    standardize = tf.keras.Model(model.input, model.get_layer("standardize").output)
+    np.testing.assert_allclose(standardize(np.full((1, 40, 40, 1), 255 * 0.5, np.float32)).numpy(), 1.0, rtol=1e-5)
+    wrn = models.build_model("wrn16_4", image_shape=(20, 20, 5), num_classes=3, mean=(0.5,) * 5, std=(0.25,) * 5)
+    assert wrn.output_shape == (None, 3) and wrn.get_layer("stem").input_shape[-1] == 5

@@ -66,8 +66,9 @@ N, B, LR, CLIP, SIGMA = 256, 32, 0.5, 2.0, 1.5  # train.py runs: q = 1/8
 # The probe model and independent accounting
 
 
-def probe_model(cfg=None):
-    """A small CNN on raw images plus the dead kernel (zero gradient, so its update is the noise alone)."""
+def probe_model(cfg=None, dataset=None):
+    """A small CNN on raw (CIFAR-10) images plus the dead kernel (zero gradient, so its update is the noise alone).
+    Stands in for ``trainer.build_model(cfg, dataset)``."""
     inputs = tf.keras.Input([32, 32, 3])
     x = tf.keras.layers.Rescaling(1 / 255.0)(inputs)
     h = tf.keras.layers.Conv2D(4, 3, strides=4, activation="relu")(x)

@@ -17,6 +17,7 @@ from eqdp_tf import data as data_lib
 from eqdp_tf import export as export_lib
 from eqdp_tf import models
 from eqdp_tf.config import TrainConfig
+from eqdp_tf.datasets import DatasetDescription, spec
 from eqdp_tf.privacy import accounting
 from eqdp_tf.training import loop
 from eqdp_tf.training.checkpoint import CheckpointStore
@@ -70,7 +71,13 @@ def test_run_writes_the_expected_files(trained):
     assert result["export_path"] == os.path.join(out, "export", "1")
     assert result["parameters"] == 255_675  # the official model, the default
     with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f) == cfg.to_json()
+        saved = json.load(f)
+    dataset = saved.pop("dataset_description")
+    assert saved == cfg.to_json()
+    # The dataset as it was trained on: the first 256 CIFAR-10 images, the official normalisation.
+    assert (dataset["dataset"], dataset["num_train"], dataset["num_test"], dataset["image_shape"],
+            dataset["num_classes"]) == ("cifar10", 256, 64, [32, 32, 3], 10)
+    assert dataset["mean"] == list(spec.CIFAR10_MEAN) and dataset["normalization_source"].startswith("official")
 
 
 def test_privacy_report_matches_accounting(trained):
@@ -152,8 +159,11 @@ def _serve_in_subprocess(export_dir, images, tmp_path):
 
 
 def _restore(cfg, which):
-    """Rebuilds the model of ``cfg`` and restores ``which`` ('ema_model' or 'model') from the last checkpoint."""
-    model = loop.build_model(cfg)
+    """Rebuilds the model of ``cfg`` (for the dataset its config.json records) and restores ``which`` ('ema_model'
+    or 'model') from the last checkpoint."""
+    with open(os.path.join(cfg.output_dir, "config.json")) as f:
+        dataset = DatasetDescription.from_json(json.load(f)["dataset_description"])
+    model = loop.build_model(cfg, dataset)
     checkpoint = tf.train.Checkpoint(**{which: model})
     path = tf.train.latest_checkpoint(os.path.join(cfg.output_dir, "checkpoints"))
     checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
@@ -308,14 +318,11 @@ def test_bad_flags_give_one_line_error(bad_flag_runs, case):
     for fragment in fragments:
         assert fragment.replace("EMPTY", run["empty"]) in lines[0], lines[0]
     assert "done:" not in run["stdout"]
-    # nothing written in the working folder; only a run that got as far as the data wrote into --output_dir
+    # nothing written anywhere: the flags are checked, and the data loaded, before the run folder is made
     root = run["root"]
     assert os.listdir(root / "cwd") == []
     assert os.listdir(root / "empty") == []
-    if case == "missing dataset":
-        assert os.listdir(root / "out") == ["config.json"]
-    else:
-        assert not os.path.exists(root / "out")
+    assert not os.path.exists(root / "out")
 
 
 def test_missing_dataset_message_names_data_dir_and_tfds(bad_flag_runs):

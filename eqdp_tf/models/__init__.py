@@ -8,6 +8,7 @@ from eqdp_tf.models.names import ARCHITECTURES, HEADS
 
 _LAZY = {
     "build_model": "eqdp_tf.models.build", "with_float32_logits": "eqdp_tf.models.build",
+    "check_image_shape": "eqdp_tf.models.build",
     "equivariant_resnet9": "eqdp_tf.models.resnet9", "stage_outputs": "eqdp_tf.models.resnet9",
     "wide_resnet": "eqdp_tf.models.wrn", "so2_resnet9": "eqdp_tf.models.resnet9_so2",
 }

@@ -3,6 +3,7 @@
 import tensorflow as tf
 
 from eqdp_tf.models.names import ARCHITECTURES, is_so2
+from eqdp_tf.models.resnet9 import check_image_shape as check_resnet9_image_shape
 from eqdp_tf.models.resnet9 import equivariant_resnet9
 from eqdp_tf.models.resnet9_so2 import so2_resnet9
 from eqdp_tf.models.wrn import wide_resnet
@@ -20,6 +21,13 @@ def build_model(architecture="eq_resnet9", group="D4", restrict="D2", head="pape
     if architecture == "wrn16_4":
         return wide_resnet(16, 4, num_classes=num_classes, **kwargs)
     raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
+
+
+def check_image_shape(architecture, head, image_shape):
+    """Raises ``ValueError`` when ``architecture`` (with ``head``) cannot take images of ``image_shape``: the
+    Equivariant ResNet-9 only sizes its pooling tiles (``resnet9.check_image_shape``); the WRN takes any."""
+    if architecture == "eq_resnet9":
+        check_resnet9_image_shape(image_shape, head)
 
 
 def with_float32_logits(model):

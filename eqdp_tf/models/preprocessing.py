@@ -1,11 +1,12 @@
-"""Input handling shared by all models: raw pixels in, CIFAR-standardised floats out.
+"""Input handling shared by all models: raw pixels in, standardised floats out (per channel; by default with the
+CIFAR-10 constants of the paper's setting, the training program passes its dataset's).
 
 Normalising inside the model means the SavedModel takes raw uint8 images, as a server receives them.
 """
 
 import tensorflow as tf
 
-from eqdp_tf.data import CIFAR10_MEAN, CIFAR10_STD
+from eqdp_tf.datasets.spec import CIFAR10_MEAN, CIFAR10_STD
 
 
 def standardized_input(image_shape=(32, 32, 3), mean=CIFAR10_MEAN, std=CIFAR10_STD, name="image"):

@@ -70,6 +70,23 @@ class Builder:
         return self.norm(x, fields, group, f"{name}_norm")
 
 
+def check_image_shape(image_shape, head="paper"):
+    """Raises ``ValueError`` (one line naming sizes that work) unless the model is equivariant on images of
+    ``image_shape``: they must be square (a 90-degree rotation maps only a square onto itself), and the three 2x2
+    max pools, and for the paper head its 2x2 average pool, must tile them exactly (a pool that drops a border row
+    pools a rotated image differently). So the side must be a multiple of 16 (paper head) or 8 (invariant head)."""
+    height, width = image_shape[:2]
+    step = 16 if head == "paper" else 8
+    if height == width and height >= step and height % step == 0:
+        return
+    side = max(height, width)
+    below, above = max(step, side // step * step), (side // step + 1) * step
+    sizes = f"{below} or {above}" if below != above else str(below)
+    raise ValueError(f"the Equivariant ResNet-9 with the {head} head needs square images whose side is a multiple of "
+                     f"{step} (e.g. {sizes}; 32, 64 and 160 work), so that its pooling tiles them and it stays "
+                     f"equivariant; got {height}x{width}")
+
+
 def equivariant_resnet9(
     group="D4",
     restrict="D2",
@@ -80,6 +97,8 @@ def equivariant_resnet9(
     image_shape=(32, 32, 3),
     dtype=None,
     name=None,
+    mean=preprocessing.CIFAR10_MEAN,
+    std=preprocessing.CIFAR10_STD,
     variant="official",
     basis=None,
     weight_standardization=None,
@@ -89,6 +108,8 @@ def equivariant_resnet9(
 ):
     """Builds the Keras functional model (raw pixels in, logits out).
 
+    ``image_shape``: (side, side, channels), any channel count, the side as ``check_image_shape`` allows;
+    ``mean``/``std``: the per-channel normalisation of pixels scaled to [0, 1] (default: CIFAR-10's).
     ``variant``: 'official' (the official code's model) or 'dense' (module doc); ``basis`` ('steerable' or
     'dense'), ``weight_standardization``, ``norm_rule`` ('official' or 'closest'), ``bias_scale`` ('escnn' or
     'none') and ``head_init`` ('torch' or 'keras'), when given, override the variant's choice.
@@ -108,7 +129,7 @@ def equivariant_resnet9(
                               norm_rule=norm_rule, bias_scale=bias_scale, head_init=head_init)
     build = Builder(norm_groups, dtype, options)
 
-    inputs, x = preprocessing.standardized_input(image_shape)
+    inputs, x = preprocessing.standardized_input(image_shape, mean, std)
     x = build.conv_block(x, f1, g, "stage1", lifting=True)
     x = build.conv_block(x, f2, g, "stage2", pool=True)
     x = build.residual(x, f2, g, "res1")
@@ -126,8 +147,7 @@ def check_shape(head, layout, image_shape):
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if len(layout) != 3 or any(int(w) < 1 for w in layout):
         raise ValueError(f"layout must be three positive widths, got {layout!r}")
-    if image_shape[0] != image_shape[1] or image_shape[0] % 8:
-        raise ValueError(f"image_shape must be square with a side divisible by 8, got {image_shape!r}")
+    check_image_shape(image_shape, head)
 
 
 def last_stages(build, x, fields, group, head, image_shape, num_classes):

@@ -77,7 +77,7 @@ class _SO2Builder(Builder):
 
 def so2_resnet9(frequency=1, restrict=SO2_RESTRICTION, head="paper", layout=PAPER_LAYOUT, norm_groups=8,
                 num_classes=10, image_shape=(32, 32, 3), dtype=None, name=None, variant="official",
-                norm_centering="all", **overrides):
+                norm_centering="all", mean=preprocessing.CIFAR10_MEAN, std=preprocessing.CIFAR10_STD, **overrides):
     """Builds the Keras functional model (raw pixels in, logits out); arguments as ``resnet9.equivariant_resnet9``
     (``overrides``: its basis, weight_standardization, norm_rule, bias_scale, head_init), plus ``frequency`` (the
     fields' maximum frequency L >= 1) and ``norm_centering`` (module doc). ``restrict`` must be 'C1' and the basis
@@ -98,7 +98,7 @@ def so2_resnet9(frequency=1, restrict=SO2_RESTRICTION, head="paper", layout=PAPE
     f3 = int(layout[2])
     build = _SO2Builder(norm_groups, dtype, options, frequency, norm_centering)
 
-    inputs, x = preprocessing.standardized_input(image_shape)
+    inputs, x = preprocessing.standardized_input(image_shape, mean, std)
     x = layers.DiscMask(MASK_MARGIN, name="mask", dtype=dtype)(x)
     x = build.so2_block(x, f1, "stage1", input_frequency=0)
     x = build.so2_block(x, f2, "stage2", pool=True)

@@ -38,14 +38,14 @@ def _block(x, width, stride, name, groups, conv):
 
 
 def wide_resnet(depth=16, width=4, num_classes=10, norm_groups=16, image_shape=(32, 32, 3), name=None,
-                weight_standardization=True):
+                weight_standardization=True, mean=preprocessing.CIFAR10_MEAN, std=preprocessing.CIFAR10_STD):
     if (depth - 4) % 6:
         raise ValueError(f"WRN depth must be 6n + 4 (10, 16, 22, 28, 40, ...), got {depth}")
     if width < 1:
         raise ValueError(f"WRN width must be >= 1, got {width}")
     blocks = (depth - 4) // 6
     conv = _conv_factory(weight_standardization)
-    inputs, x = preprocessing.standardized_input(image_shape)
+    inputs, x = preprocessing.standardized_input(image_shape, mean, std)
     x = conv(16, 3, padding="same", name="stem")(x)
     for stage, (channels, stride) in enumerate(((16 * width, 1), (32 * width, 2), (64 * width, 2)), start=1):
         for b in range(blocks):

@@ -1,8 +1,9 @@
 """The training program: ``run(cfg)`` is everything ``train.py`` does after parsing flags.
 
-It reads top-down as the run goes: open the run folder (``plan``), stop if the run is already finished, load the
-data, plan the run (resume point, sigma, key, within the epsilon ceiling), then train (``trainer``) with its
-reports (``reporting``).
+It reads top-down as the run goes: load the data (``datasets``) and check the model can take its images, open the
+run folder (``plan``), stop if the run is already finished, plan the run (resume point, sigma, key, within the
+epsilon ceiling), then train (``trainer``) with its reports (``reporting``). The data comes first so that a dataset
+that cannot be used leaves nothing behind in the run folder.
 
 Crash safety (``checkpoint``, ``checkpoint_journal``, ``privacy.randomness``, ``secret_key``): rerunning the same
 command after the process died, however it died, resumes from the last checkpoint; the model ends with the
@@ -13,17 +14,16 @@ Several devices and hosts (``--distribution``, see ``distribution``): every work
 reads and writes the run folder and hands the others what they need (the plan) through collectives.
 """
 
-import hashlib
 import os
 import time
 
-import numpy as np
 import tensorflow as tf
 
-from eqdp_tf import data as data_lib
 from eqdp_tf import export as export_lib
+from eqdp_tf import models
 from eqdp_tf.config import TrainConfig
-from eqdp_tf.errors import ConfigError, DataError, one_line
+from eqdp_tf.datasets import ReadOptions, load_dataset
+from eqdp_tf.errors import ConfigError, one_line
 from eqdp_tf.training import distribution
 from eqdp_tf.training.checkpoint import Interrupted, StopSignals
 from eqdp_tf.training.plan import (RunPlan, check_worker, finished_run, largest_logical_batch, make_plan, make_sampler,
@@ -37,25 +37,18 @@ _LOST_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.erro
 
 
 def load_data(cfg):
-    """(train images, train labels, test images, test labels), with errors naming the flags involved."""
+    """The ``datasets.LoadedDataset`` of ``cfg`` (train and test arrays, their description), after checking that the
+    model can take its images."""
+    options = ReadOptions(data_dir=cfg.data_dir, image_size=cfg.image_size, train_split=cfg.train_split,
+                          test_split=cfg.test_split, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
+    loaded = load_dataset(cfg.dataset, options, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+                          normalization_mean=cfg.normalization_mean, normalization_std=cfg.normalization_std,
+                          crop_padding=cfg.crop_padding)
     try:
-        train = data_lib.load_cifar10("train", cfg.data_dir, cfg.train_subset)
-        test = data_lib.load_cifar10("test", cfg.data_dir, cfg.test_subset)
-    except data_lib.MissingDataError as err:
-        if cfg.data_dir is None:  # TFDS's own message says what to do
-            raise
-        raise DataError(f"{err} Point --data_dir at the folder with the CIFAR-10 files, or leave it unset to "
-                        "download CIFAR-10 through TFDS.") from None
-    except ConfigError as err:
-        raise ConfigError(f"--train_subset/--test_subset: {err}") from None
-    return (*train, *test)
-
-
-def _fingerprint(images, labels):
-    digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(images).data)
-    digest.update(np.ascontiguousarray(labels).data)
-    return digest.hexdigest()
+        models.check_image_shape(cfg.architecture, cfg.head, loaded.description.image_shape)
+    except ValueError as err:
+        raise ConfigError(f"{err}: resize with --image_size") from None
+    return loaded
 
 
 def run(cfg: TrainConfig):
@@ -90,9 +83,12 @@ def run(cfg: TrainConfig):
 
 def _run(cfg, dist, stop, opened):
     started = time.monotonic()
+    tf.keras.utils.set_random_seed(cfg.seed)
+    data = dist.on_every_worker(lambda: load_data(cfg), "loading the data")
+    description = data.description
 
     def open_folder():
-        opened["folder"] = open_run_folder(cfg)
+        opened["folder"] = open_run_folder(cfg, description)
 
     dist.from_chief(open_folder, "checking --output_dir")
     folder = opened.get("folder")  # None on the other workers
@@ -101,16 +97,14 @@ def _run(cfg, dist, stop, opened):
         "checking whether the run has finished")
     if finished is not None:
         return finished
-    tf.keras.utils.set_random_seed(cfg.seed)
-    data = dist.on_every_worker(lambda: load_data(cfg), "loading the data")
-    num_examples = len(data[1])
+    num_examples = description.num_train
     simulation = simulation_of(cfg, num_examples)
-    fingerprint = _fingerprint(data[0], data[1]) if dist.num_workers > 1 else None
-    plan = RunPlan.from_json(dist.from_chief(lambda: make_plan(cfg, folder, num_examples, fingerprint).to_json(),
+    plan = RunPlan.from_json(dist.from_chief(lambda: make_plan(cfg, folder, description).to_json(),
                                              "planning the run"))
     if dist.num_workers > 1:
-        dist.on_every_worker(lambda: dist.is_chief or check_worker(cfg, plan, fingerprint, dist.worker_index),
-                             "comparing the workers' flags and data")
+        dist.on_every_worker(
+            lambda: dist.is_chief or check_worker(cfg, plan, description.fingerprint, dist.worker_index),
+            "comparing the workers' flags and data")
     if dist.is_chief:
         opened["reporter"] = Reporter(cfg, plan, folder.journal, simulation, cfg.sampling, started)
     trainer = Trainer(cfg, plan, dist, stop, data, simulation, folder, opened.get("reporter"))

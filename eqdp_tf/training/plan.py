@@ -47,7 +47,8 @@ class RunPlan:
     warnings: Tuple[str, ...] = ()
     skipped: Tuple[Tuple[str, str], ...] = ()  # unreadable checkpoints set aside: (path, why)
     config: Dict = dataclasses.field(default_factory=dict)  # the chief's flags (workers compare theirs)
-    fingerprint: Optional[str] = None  # SHA-256 of the chief's training data (several workers)
+    fingerprint: Optional[str] = None  # SHA-256 of the chief's training data (workers and resumes compare theirs)
+    dataset: Dict = dataclasses.field(default_factory=dict)  # the chief's datasets.DatasetDescription, as JSON
 
     def to_json(self):
         return json.loads(json.dumps(dataclasses.asdict(self), allow_nan=True))
@@ -88,12 +89,23 @@ def _has_training_state(output_dir):
     return has_steps or bool(CheckpointStore(None, os.path.join(output_dir, CHECKPOINT_DIR)).steps())
 
 
-def prepare_output_dir(cfg):
+# config.json's record of the dataset (normalisation and where it came from, N, ...): not a flag, so a resume does not
+# compare it (the journal's dataset size and fingerprint stand for it).
+DATASET_KEY = "dataset_description"
+
+
+def run_config(cfg, dataset=None):
+    """What config.json holds: the flags, and (once loaded) the dataset's description under ``DATASET_KEY``."""
+    return {**cfg.to_json(), **({DATASET_KEY: dataset.to_json()} if dataset is not None else {})}
+
+
+def prepare_output_dir(cfg, dataset=None):
     """Creates the run folder, or checks that an existing one holds this same run (then it resumes).
 
     Returns the privacy settings that differ from the saved run's, as ``{name: (saved, now)}`` (only possible
-    with ``--allow_privacy_change``). config.json is written here for a new run; a resumed run's is rewritten
-    once training starts (``trainer``), so that a finished or refused run's folder is left as it was.
+    with ``--allow_privacy_change``). config.json (``run_config``, with the description ``dataset``) is written here
+    for a new run; a resumed run's is rewritten once training starts (``trainer``), so that a finished or refused
+    run's folder is left as it was.
     """
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -113,12 +125,13 @@ def prepare_output_dir(cfg):
             return _check_same_run(cfg, saved)
     elif os.listdir(cfg.output_dir):
         raise ConfigError(f"--output_dir {cfg.output_dir} is not empty and holds no run of ours; use another folder")
-    write_json_atomic(config_path, cfg.to_json())
+    write_json_atomic(config_path, run_config(cfg, dataset))
     return {}
 
 
 def _check_same_run(cfg, saved):
     """The privacy settings changed since the saved config; refuses any other difference."""
+    saved = {k: v for k, v in saved.items() if k != DATASET_KEY}
     diffs = cfg.differences(saved)
     changes = cfg.privacy_differences(saved)
     if set(diffs) - set(changes):
@@ -154,12 +167,12 @@ def _lock_run_folder(output_dir):
     return lock
 
 
-def open_run_folder(cfg):
+def open_run_folder(cfg, dataset=None):
     """Chief: takes the run folder (one process at a time), checks or creates it and opens its journal and
-    checkpoint store."""
+    checkpoint store. ``dataset``: the description config.json records."""
     lock = _lock_run_folder(cfg.output_dir)
     try:
-        changes = prepare_output_dir(cfg)
+        changes = prepare_output_dir(cfg, dataset)
         journal = PrivacyJournal(os.path.join(cfg.output_dir, JOURNAL_NAME))
         store = CheckpointStore(None, os.path.join(cfg.output_dir, CHECKPOINT_DIR))
         if store.steps() and not journal.has_steps:
@@ -288,13 +301,22 @@ def make_sampler(cfg, num_examples, seed=None):
 # The plan
 
 
-def _check_dataset_size(cfg, journal, num_examples):
+def _check_same_data(cfg, journal, num_examples, fingerprint):
+    """Refuses, as a changed privacy setting, to resume on other training data than the run started with: another
+    number of examples, or other examples (their fingerprint, in start records since datasets had one)."""
     last = journal.last_start()
-    if (last is not None and journal.has_steps and last.get("dataset_size") != num_examples
-            and not cfg.allow_privacy_change):
+    if last is None or not journal.has_steps or cfg.allow_privacy_change:
+        return
+    if last.get("dataset_size") != num_examples:
         raise ConfigError(
             f"the training set now has {num_examples} examples, but this run was started with "
             f"{last.get('dataset_size')} (another --data_dir?); resume with the same data, or pass "
+            "--allow_privacy_change to continue with these (epsilon then composes both parts)"
+        )
+    if last.get("dataset_fingerprint") not in (None, fingerprint):
+        raise ConfigError(
+            f"the training set has other images or labels than this run was started with (same number, "
+            f"{num_examples}, but another SHA-256: files changed?); resume with the same data, or pass "
             "--allow_privacy_change to continue with these (epsilon then composes both parts)"
         )
 
@@ -324,13 +346,15 @@ def check_ceiling(cfg, reached, retaken, simulated):
         f"{limit}; nothing was trained: raise the noise or the ceiling")
 
 
-def make_plan(cfg: TrainConfig, folder: RunFolder, num_examples: int, fingerprint=None) -> RunPlan:
-    """Chief: where to start, with which sigma and key, within the epsilon ceiling."""
+def make_plan(cfg: TrainConfig, folder: RunFolder, dataset) -> RunPlan:
+    """Chief: where to start, with which sigma and key, within the epsilon ceiling, on ``dataset`` (a
+    ``datasets.DatasetDescription``: N and the fingerprint of the training set)."""
     journal, store, changes = folder.journal, folder.store, folder.changes
+    num_examples = dataset.num_train
     make_sampler(cfg, num_examples)  # rejects q > 1 before anything else is decided
     simulation = simulation_of(cfg, num_examples)
     q = cfg.batch_size / num_examples
-    _check_dataset_size(cfg, journal, num_examples)
+    _check_same_data(cfg, journal, num_examples, dataset.fingerprint)
     skipped = []
     start, prefix = store.latest_valid(on_skip=lambda path, err: skipped.append((path, str(err))))
     resume = journal.plan_resume(start)
@@ -352,7 +376,7 @@ def make_plan(cfg: TrainConfig, folder: RunFolder, num_examples: int, fingerprin
         key=f"{key:064x}", salts=tuple(sorted(resume.salts.items())), planned_epsilon=planned_epsilon,
         planned_simulated_epsilon=simulated_epsilon, steps_spent_before=spent_before, changes=changes,
         discarded=tuple(resume.discarded), retaken=tuple(resume.retaken), warnings=tuple(warnings),
-        skipped=tuple(skipped), config=cfg.to_json(), fingerprint=fingerprint)
+        skipped=tuple(skipped), config=cfg.to_json(), fingerprint=dataset.fingerprint, dataset=dataset.to_json())
 
 
 def check_worker(cfg, plan: RunPlan, fingerprint, worker_index):
@@ -365,4 +389,5 @@ def check_worker(cfg, plan: RunPlan, fingerprint, worker_index):
                           f"in: {', '.join(differ)}); start every worker with the same flags")
     if fingerprint != plan.fingerprint:
         raise DataError(f"worker {worker_index} has other training data than the chief (check "
-                        "--data_dir on every host): the examples of a sampled batch would not be the same")
+                        "--data_dir or the --dataset path on every host): the examples of a sampled batch would not "
+                        "be the same")

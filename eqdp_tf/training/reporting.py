@@ -11,6 +11,7 @@ import time
 
 import tensorflow as tf
 
+from eqdp_tf.datasets import DatasetDescription
 from eqdp_tf.errors import UserError, one_line
 from eqdp_tf.io import write_json_atomic
 from eqdp_tf.privacy import accounting
@@ -193,6 +194,7 @@ class Reporter:
                   f"holds (at most {physical_batch_size}); using {physical_batch_size}", flush=True)
         for path, err in plan.skipped:
             print(f"warning: checkpoint {path} is unreadable ({err}); set aside, using an older one")
+        self._announce_dataset()
         print(f"model {model.name}: {model.count_params():,} parameters; train {plan.num_examples}, test "
               f"{num_test} examples; on {describe_device(dist)}; XLA {'on' if jit else 'off'}")
         if dist.distributed:
@@ -202,6 +204,15 @@ class Reporter:
         else:
             print("non-private training (--dp=false): no clipping, no noise, no privacy guarantee")
         self._announce_resume()
+
+    def _announce_dataset(self):
+        dataset = DatasetDescription.from_json(self.plan.dataset)
+        print(dataset.summary(), flush=True)
+        if dataset.normalization_computed and self.cfg.dp:
+            print("warning: the normalisation constants were computed from the training images without noise; "
+                  "config.json and the exported model carry them, outside the DP guarantee: give "
+                  "--normalization_mean and --normalization_std (public values, e.g. 0.5 and 0.25) to avoid it",
+                  flush=True)
 
     def _announce_privacy(self):
         cfg, plan = self.cfg, self.plan

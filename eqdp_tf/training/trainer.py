@@ -18,6 +18,7 @@ import tensorflow as tf
 from eqdp_tf import data as data_lib
 from eqdp_tf import export as export_lib
 from eqdp_tf import models
+from eqdp_tf.datasets import DatasetDescription
 from eqdp_tf.errors import one_line
 from eqdp_tf.io import write_json_atomic
 from eqdp_tf.privacy import randomness as randomness_lib
@@ -25,7 +26,7 @@ from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer, DPStep
 from eqdp_tf.training.checkpoint import Interrupted
 from eqdp_tf.training.checkpoint_journal import JournalError
 from eqdp_tf.training.ema import WeightAverage
-from eqdp_tf.training.plan import make_sampler
+from eqdp_tf.training.plan import make_sampler, run_config
 from eqdp_tf.training.reporting import TrainingError, Window
 
 
@@ -35,13 +36,16 @@ def resolve_jit(choice):
     return choice == "true"
 
 
-def build_model(cfg):
+def build_model(cfg, dataset):
+    """The model of ``cfg`` for the images and classes of ``dataset`` (a ``datasets.DatasetDescription``)."""
+    shape = dict(image_shape=tuple(dataset.image_shape), num_classes=dataset.num_classes, mean=dataset.mean,
+                 std=dataset.std)
     if cfg.architecture == "wrn16_4":
-        return models.build_model(cfg.architecture, weight_standardization=cfg.wrn_weight_standardization)
+        return models.build_model(cfg.architecture, weight_standardization=cfg.wrn_weight_standardization, **shape)
     return models.build_model(cfg.architecture, group=cfg.group, restrict=cfg.restricted_group, head=cfg.head,
                               variant=cfg.model_variant, basis=cfg.conv_basis,
                               weight_standardization=cfg.conv_weight_standardization, norm_rule=cfg.norm_group_rule,
-                              so2_frequency=cfg.so2_frequency, so2_norm_centering=cfg.so2_norm_centering)
+                              so2_frequency=cfg.so2_frequency, so2_norm_centering=cfg.so2_norm_centering, **shape)
 
 
 def evaluate(predict, dataset):
@@ -75,13 +79,15 @@ class RunState:
 
 
 class Trainer:
-    """Trains ``cfg`` from ``plan`` (a ``plan.RunPlan``) on ``data`` = (train images, labels, test images, labels).
+    """Trains ``cfg`` from ``plan`` (a ``plan.RunPlan``) on ``data`` (a ``datasets.LoadedDataset``).
 
     ``folder`` (a ``plan.RunFolder``) and ``reporter`` are the chief's; None on the other workers."""
 
     def __init__(self, cfg, plan, dist, stop, data, simulation, folder=None, reporter=None):
         self.cfg, self.plan, self.dist, self.stop = cfg, plan, dist, stop
-        self.train_images, self.train_labels, test_images, test_labels = data
+        self.train_images, self.train_labels = data.train_images, data.train_labels
+        test_images, test_labels = data.test_images, data.test_labels
+        self.dataset = DatasetDescription.from_json(plan.dataset)
         self.num_test = len(test_labels)
         self.simulation, self.folder, self.reporter = simulation, folder, reporter
         self.state = RunState(step=plan.start, saved=plan.start)
@@ -96,8 +102,8 @@ class Trainer:
     def _build(self):
         cfg, dist = self.cfg, self.dist
         with dist.scope():  # the weights, the optimizer's variables and the gradient sums live on every replica
-            self.model = build_model(cfg)
-            self.ema_model = build_model(cfg)
+            self.model = build_model(cfg, self.dataset)
+            self.ema_model = build_model(cfg, self.dataset)
             self.optimizer = DPKerasSGDOptimizer(
                 l2_norm_clip=cfg.l2_norm_clip, noise_multiplier=self.plan.noise_multiplier,
                 expected_batch_size=self.sampler.expected_batch_size, learning_rate=cfg.learning_rate,
@@ -159,10 +165,10 @@ class Trainer:
             "sampling_rate": plan.sampling_rate, "noise_multiplier": plan.noise_multiplier,
             "l2_norm_clip": cfg.l2_norm_clip, "dataset_size": plan.num_examples, "batch_size": cfg.batch_size,
             "delta": cfg.delta, "steps": cfg.steps, "dp": cfg.dp, "sampling": cfg.sampling,
-            "simulated_batch_size": cfg.simulated_batch_size,
+            "simulated_batch_size": cfg.simulated_batch_size, "dataset_fingerprint": plan.fingerprint,
         })
         # A resumed run may go on with other resumable settings (or, allowed, privacy settings): they are its config.
-        write_json_atomic(os.path.join(cfg.output_dir, "config.json"), cfg.to_json())
+        write_json_atomic(os.path.join(cfg.output_dir, "config.json"), run_config(cfg, self.dataset))
         self.reporter.announce(self.model, self.jit, self.dist, self.sampler.physical_batch_size, self.num_test)
 
     def _stop_signal(self):
@@ -174,7 +180,8 @@ class Trainer:
         cfg, state = self.cfg, self.state
         dataset = data_lib.make_train_dataset(
             self.train_images, self.train_labels, self.sampler, cfg.num_views, cfg.seed, start_step=state.step,
-            num_steps=cfg.steps - state.step, num_replicas=self.dist.num_replicas, replica_ids=self.dist.replica_ids)
+            num_steps=cfg.steps - state.step, num_replicas=self.dist.num_replicas, replica_ids=self.dist.replica_ids,
+            crop_padding=self.dataset.crop_padding)
         stopping = 0
         t0 = time.monotonic()
         for batch in dataset:
@@ -327,8 +334,8 @@ class Trainer:
             print(f"already exported: {previous_export}")
         elif cfg.export:
             self.folder.journal.record_release(step, "export")
-            final["export_path"] = export_lib.export_saved_model(self.ema_model, export_dir,
-                                                                 extra_files={"privacy.json": privacy})
+            final["export_path"] = export_lib.export_saved_model(
+                self.ema_model, export_dir, extra_files={"privacy.json": privacy, "dataset.json": self.plan.dataset})
             print(f"exported SavedModel to {final['export_path']}")
         if self.simulation is not None:
             final["simulated_run"] = privacy["simulated_run"]
