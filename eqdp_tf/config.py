@@ -273,9 +273,15 @@ class TrainConfig:
     PRIVACY_SETTINGS += ("train_split", "test_fraction", "split_seed")
 
     # What a config.json written before a setting existed meant by leaving it out.
-    LEGACY_VALUES = {"model_variant": "dense", "conv_basis": "dense", "conv_weight_standardization": False,
+    RESNET9_ONLY = ("model_variant", "conv_basis", "conv_weight_standardization", "norm_group_rule", "so2_frequency",
+                    "so2_norm_centering")
+    # Before the model variants: the dense ResNet-9; before --dataset: CIFAR-10 as the defaults prepare it; before
+    # --wrn_weight_standardization: plain convolutions.
+    LEGACY_VALUES = {"wrn_weight_standardization": False, "model_variant": "dense", "conv_basis": "dense", "conv_weight_standardization": False,
                      "norm_group_rule": "closest", "ema_updates_per_step": 1, "so2_frequency": 1,
-                     "so2_norm_centering": "all"}
+                     "so2_norm_centering": "all", "dataset": "cifar10", "train_split": None, "test_split": None,
+                     "test_fraction": 0.1, "split_seed": 0, "image_size": None, "normalization_mean": None,
+                     "normalization_std": None, "crop_padding": 4}
 
     def differences(self, other: dict):
         """Names of settings where ``other`` (a saved config) differs in a way a resume cannot accept.
@@ -284,8 +290,11 @@ class TrainConfig:
         """
         other = {**self.LEGACY_VALUES, **other}
         mine = self.to_json()
+        # Each architecture's own settings change nothing in the other.
+        architecture = mine["architecture"] if mine["architecture"] == other.get("architecture") else None
+        ignored = {"wrn16_4": self.RESNET9_ONLY, "eq_resnet9": ("wrn_weight_standardization",)}.get(architecture, ())
         return sorted(k for k in set(mine) | set(other)
-                      if k not in self.RESUMABLE_CHANGES and mine.get(k) != other.get(k))
+                      if k not in self.RESUMABLE_CHANGES and k not in ignored and mine.get(k) != other.get(k))
 
     def privacy_differences(self, other: dict):
         """``{name: (saved, now)}`` for the privacy settings in which ``other`` (a saved config) differs."""

@@ -70,6 +70,33 @@ def test_model_variant_resolves_and_each_ingredient_overrides_it():
     assert TrainConfig(**{k: v for k, v in ablated.to_json().items()}).to_json() == ablated.to_json()
 
 
+def test_every_committed_study_record_resumes_under_todays_flags():
+    """Run folders written before the model variants, --dataset and --wrn_weight_standardization existed (the
+    study's records) resume under the flags the study gives them today: their config.json lacks those keys, which
+    then mean what those runs trained (the dense model on CIFAR-10, plain WRN convolutions)."""
+    code = """
+import glob, json, os, sys
+sys.path.insert(0, 'bench')
+from absl import flags
+import eqdp_tf.config as c
+import study_plan
+c.define_flags()
+out = {}
+for path in sorted(glob.glob('docs/study/**/config.json', recursive=True)):
+    name = os.path.basename(os.path.dirname(path))
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(['train.py', *study_plan.run_flags(name)])
+    with open(path) as f:
+        out[name] = c.config_from_flags().differences(json.load(f))
+print(json.dumps(out))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    differences = json.loads(done.stdout)
+    assert len(differences) > 20
+    assert {name: d for name, d in differences.items() if d} == {}
+
+
 def test_a_config_written_before_the_model_variant_resumes_as_the_dense_model():
     from eqdp_tf.config import TrainConfig
 

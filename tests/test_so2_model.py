@@ -1,6 +1,7 @@
 """The official SO(2) Equivariant ResNet-9 (issue 42): counts, layers, where it is equivariant, and a private run
 that resumes and exports."""
 
+import json
 import math
 import os
 import signal
@@ -14,6 +15,7 @@ from conftest import CIFAR10_DIR, needs_cifar10, reference_script
 from eqdp_tf import data as data_lib
 from eqdp_tf import models
 from eqdp_tf.config import TrainConfig
+from eqdp_tf.datasets import DatasetDescription
 from eqdp_tf.models import resnet9_so2
 from eqdp_tf.training import loop, trainer
 from eqdp_tf.training.checkpoint import Interrupted
@@ -147,7 +149,9 @@ def test_private_run_resumes_and_exports_a_uint8_servable(tmp_path, monkeypatch)
     served = tf.saved_model.load(result["export_path"]).signatures["serving_default"]
     images, _ = data_lib.load_cifar10("test", CIFAR10_DIR, 4)
     probabilities = served(images=tf.constant(images))["probabilities"].numpy()
-    ema = trainer.build_model(cfg)
+    with open(os.path.join(cfg.output_dir, "config.json")) as f:
+        dataset = DatasetDescription.from_json(json.load(f)["dataset_description"])
+    ema = trainer.build_model(cfg, dataset)
     checkpoint = tf.train.Checkpoint(ema_model=ema)
     checkpoint.restore(tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints"))).expect_partial()
     expected = tf.nn.softmax(ema(images.astype(np.float32), training=False)).numpy()
