@@ -22,10 +22,12 @@ from dp_accounting import rdp
 import dataset_files as files
 from conftest import REPO_ROOT, snapshot
 from eqdp_tf import config
+from eqdp_tf.datasets.load import fingerprint
 from eqdp_tf.errors import ConfigError
 from eqdp_tf.training import loop
 from eqdp_tf.training.checkpoint import CheckpointStore, Interrupted
 from eqdp_tf.training.checkpoint_journal import JOURNAL_NAME
+from eqdp_tf.training.plan import keyed_fingerprint
 
 # Two steps of tiny batches, a checkpoint after each: enough to interrupt after step 1 and resume.
 TINY = dict(steps=2, batch_size=8, physical_batch_size=8, num_views=2, checkpoint_every=1, eval_every=2,
@@ -200,7 +202,7 @@ def _interrupted_npz_run(root):
 @pytest.mark.parametrize("change, message", [
     ("one image less", "the training set now has 29 examples, but this run was started with 30"),
     ("one pixel changed", "the training set has other images or labels than this run was started with (same number, "
-                          "30, but another SHA-256"),
+                          "30, but another fingerprint"),
 ])
 def test_a_resume_on_changed_data_is_refused_like_a_changed_privacy_setting(tmp_path, change, message):
     cfg, arrays = _interrupted_npz_run(tmp_path)
@@ -222,6 +224,13 @@ def test_a_resume_on_changed_data_is_refused_like_a_changed_privacy_setting(tmp_
         starts = [r for r in map(json.loads, f) if r["event"] == "start"]
     assert [s["dataset_size"] for s in starts] == [30, len(arrays["train_labels"])]
     assert starts[0]["dataset_fingerprint"] != starts[1]["dataset_fingerprint"]
+    # The journal's fingerprint is keyed by the run's secret: the plain SHA-256 of the data appears nowhere.
+    plain = fingerprint(arrays["train_images"][..., None], arrays["train_labels"][:, 0])
+    for name in ("config.json", JOURNAL_NAME, "privacy.json"):
+        with open(os.path.join(cfg.output_dir, name)) as f:
+            assert plain not in f.read()
+    with open(os.path.join(cfg.output_dir, "dp_secret.json")) as f:
+        assert starts[1]["dataset_fingerprint"] == keyed_fingerprint(json.load(f)["key"], plain)
 
 
 def test_a_changed_held_out_fraction_is_a_changed_privacy_setting(tmp_path):

@@ -646,7 +646,8 @@ def test_reports_and_journal_hold_only_their_documented_fields(runs):
         assert set(line) == {"step", "epoch", "loss", "train_accuracy", "test_loss", "test_accuracy", "epsilon",
                              "examples_per_sec", "views_per_sec", "wall_seconds", "run_wall_seconds"}
     settings = {"sampling_rate", "noise_multiplier", "l2_norm_clip", "dataset_size"}
-    fields = {"start": settings | {"batch_size", "delta", "steps", "dp", "sampling", "simulated_batch_size"},
+    fields = {"start": settings | {"batch_size", "delta", "steps", "dp", "sampling", "simulated_batch_size",
+                                   "dataset_fingerprint"},
               "step": settings, "release": {"what"}}
     for record in journal_records(run.out):
         assert set(record) == {"event", "attempt", "step"} | fields[record["event"]], record

@@ -23,7 +23,6 @@ class DatasetDescription:
     crop_padding: int  # reflect padding of the augmentation's random crops, in pixels
     crop_padding_source: str
     test_split: str  # which examples are the test set, and how they were chosen
-    fingerprint: str  # SHA-256 of the training images and labels: a resumed run must see the same ones
     class_names: Optional[Tuple[str, ...]] = None  # label i is class_names[i], when the source names them
     preprocessing: Tuple[str, ...] = ()  # what was done to the images on loading (resizing, channels), in words
     notes: Tuple[str, ...] = ()  # anything else a reader of config.json should know (unused splits, ...)
@@ -50,11 +49,15 @@ class DatasetDescription:
 
 
 class LoadedDataset(NamedTuple):
-    """uint8 images [N, H, W, C] and int64 labels [N] of both splits, and their description."""
+    """uint8 images [N, H, W, C] and int64 labels [N] of both splits, their description, and the SHA-256 of the
+    training images and labels (a resumed run must see the same ones). The fingerprint is kept out of the
+    description, which config.json and the export publish: a hash of the training set would tell which of two
+    neighbouring training sets it was, which no DP guarantee covers."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
     description: DatasetDescription
+    fingerprint: str
 

@@ -143,6 +143,7 @@ def load_dataset(dataset: str, options: ReadOptions = ReadOptions(), *, train_su
         normalization_source=normalization_source, crop_padding=crop_padding,
         crop_padding_source=("the official code's: 4 pixels at every image size" if crop_padding ==
                              OFFICIAL_CROP_PADDING else "given by --crop_padding"),
-        test_split=result.test_split, fingerprint=fingerprint(train_images, train_labels),
+        test_split=result.test_split,
         class_names=result.class_names, preprocessing=tuple(result.preprocessing), notes=tuple(result.notes))
-    return LoadedDataset(train_images, train_labels, test_images, test_labels, description)
+    return LoadedDataset(train_images, train_labels, test_images, test_labels, description,
+                         fingerprint(train_images, train_labels))

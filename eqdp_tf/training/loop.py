@@ -99,11 +99,11 @@ def _run(cfg, dist, stop, opened):
         return finished
     num_examples = description.num_train
     simulation = simulation_of(cfg, num_examples)
-    plan = RunPlan.from_json(dist.from_chief(lambda: make_plan(cfg, folder, description).to_json(),
+    plan = RunPlan.from_json(dist.from_chief(lambda: make_plan(cfg, folder, description, data.fingerprint).to_json(),
                                              "planning the run"))
     if dist.num_workers > 1:
         dist.on_every_worker(
-            lambda: dist.is_chief or check_worker(cfg, plan, description.fingerprint, dist.worker_index),
+            lambda: dist.is_chief or check_worker(cfg, plan, data.fingerprint, dist.worker_index),
             "comparing the workers' flags and data")
     if dist.is_chief:
         opened["reporter"] = Reporter(cfg, plan, folder.journal, simulation, cfg.sampling, started)

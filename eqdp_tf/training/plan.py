@@ -7,6 +7,8 @@ hand it to every worker. Nothing here builds a model or touches TensorFlow.
 
 import dataclasses
 import fcntl
+import hashlib
+import hmac
 import json
 import math
 import os
@@ -47,7 +49,7 @@ class RunPlan:
     warnings: Tuple[str, ...] = ()
     skipped: Tuple[Tuple[str, str], ...] = ()  # unreadable checkpoints set aside: (path, why)
     config: Dict = dataclasses.field(default_factory=dict)  # the chief's flags (workers compare theirs)
-    fingerprint: Optional[str] = None  # SHA-256 of the chief's training data (workers and resumes compare theirs)
+    fingerprint: Optional[str] = None  # SHA-256 of the chief's training data (workers compare theirs); never written
     dataset: Dict = dataclasses.field(default_factory=dict)  # the chief's datasets.DatasetDescription, as JSON
 
     def to_json(self):
@@ -90,7 +92,7 @@ def _has_training_state(output_dir):
 
 
 # config.json's record of the dataset (normalisation and where it came from, N, ...): not a flag, so a resume does not
-# compare it (the journal's dataset size and fingerprint stand for it).
+# compare it (the journal's dataset size and keyed fingerprint stand for it).
 DATASET_KEY = "dataset_description"
 
 
@@ -301,9 +303,15 @@ def make_sampler(cfg, num_examples, seed=None):
 # The plan
 
 
+def keyed_fingerprint(key, fingerprint):
+    """What the privacy journal records of the training set: HMAC-SHA256 of its fingerprint under the run's secret
+    key (hex). Equal for the same data, and, without the key, no test of which data it was."""
+    return hmac.new(bytes.fromhex(key), fingerprint.encode(), hashlib.sha256).hexdigest()
+
+
 def _check_same_data(cfg, journal, num_examples, fingerprint):
     """Refuses, as a changed privacy setting, to resume on other training data than the run started with: another
-    number of examples, or other examples (their fingerprint, in start records since datasets had one)."""
+    number of examples, or other examples (their keyed fingerprint, in start records since datasets had one)."""
     last = journal.last_start()
     if last is None or not journal.has_steps or cfg.allow_privacy_change:
         return
@@ -313,10 +321,15 @@ def _check_same_data(cfg, journal, num_examples, fingerprint):
             f"{last.get('dataset_size')} (another --data_dir?); resume with the same data, or pass "
             "--allow_privacy_change to continue with these (epsilon then composes both parts)"
         )
-    if last.get("dataset_fingerprint") not in (None, fingerprint):
+    recorded = last.get("dataset_fingerprint")
+    secret = os.path.join(cfg.output_dir, secret_key.SECRET_NAME)
+    if recorded is None or (cfg.dp_seed is None and not os.path.exists(secret)):  # nothing to compare with
+        return
+    key = f"{secret_key.load_or_create_key(cfg.output_dir, cfg.dp_seed):064x}"
+    if keyed_fingerprint(key, fingerprint) != recorded:
         raise ConfigError(
             f"the training set has other images or labels than this run was started with (same number, "
-            f"{num_examples}, but another SHA-256: files changed?); resume with the same data, or pass "
+            f"{num_examples}, but another fingerprint: files changed?); resume with the same data, or pass "
             "--allow_privacy_change to continue with these (epsilon then composes both parts)"
         )
 
@@ -346,15 +359,15 @@ def check_ceiling(cfg, reached, retaken, simulated):
         f"{limit}; nothing was trained: raise the noise or the ceiling")
 
 
-def make_plan(cfg: TrainConfig, folder: RunFolder, dataset) -> RunPlan:
+def make_plan(cfg: TrainConfig, folder: RunFolder, dataset, fingerprint) -> RunPlan:
     """Chief: where to start, with which sigma and key, within the epsilon ceiling, on ``dataset`` (a
-    ``datasets.DatasetDescription``: N and the fingerprint of the training set)."""
+    ``datasets.DatasetDescription``) whose training set has the SHA-256 ``fingerprint``."""
     journal, store, changes = folder.journal, folder.store, folder.changes
     num_examples = dataset.num_train
     make_sampler(cfg, num_examples)  # rejects q > 1 before anything else is decided
     simulation = simulation_of(cfg, num_examples)
     q = cfg.batch_size / num_examples
-    _check_same_data(cfg, journal, num_examples, dataset.fingerprint)
+    _check_same_data(cfg, journal, num_examples, fingerprint)
     skipped = []
     start, prefix = store.latest_valid(on_skip=lambda path, err: skipped.append((path, str(err))))
     resume = journal.plan_resume(start)
@@ -376,7 +389,7 @@ def make_plan(cfg: TrainConfig, folder: RunFolder, dataset) -> RunPlan:
         key=f"{key:064x}", salts=tuple(sorted(resume.salts.items())), planned_epsilon=planned_epsilon,
         planned_simulated_epsilon=simulated_epsilon, steps_spent_before=spent_before, changes=changes,
         discarded=tuple(resume.discarded), retaken=tuple(resume.retaken), warnings=tuple(warnings),
-        skipped=tuple(skipped), config=cfg.to_json(), fingerprint=dataset.fingerprint, dataset=dataset.to_json())
+        skipped=tuple(skipped), config=cfg.to_json(), fingerprint=fingerprint, dataset=dataset.to_json())
 
 
 def check_worker(cfg, plan: RunPlan, fingerprint, worker_index):

@@ -26,7 +26,7 @@ from eqdp_tf.privacy.dp_step import DPKerasSGDOptimizer, DPStep
 from eqdp_tf.training.checkpoint import Interrupted
 from eqdp_tf.training.checkpoint_journal import JournalError
 from eqdp_tf.training.ema import WeightAverage
-from eqdp_tf.training.plan import make_sampler, run_config
+from eqdp_tf.training.plan import keyed_fingerprint, make_sampler, run_config
 from eqdp_tf.training.reporting import TrainingError, Window
 
 
@@ -165,7 +165,8 @@ class Trainer:
             "sampling_rate": plan.sampling_rate, "noise_multiplier": plan.noise_multiplier,
             "l2_norm_clip": cfg.l2_norm_clip, "dataset_size": plan.num_examples, "batch_size": cfg.batch_size,
             "delta": cfg.delta, "steps": cfg.steps, "dp": cfg.dp, "sampling": cfg.sampling,
-            "simulated_batch_size": cfg.simulated_batch_size, "dataset_fingerprint": plan.fingerprint,
+            "simulated_batch_size": cfg.simulated_batch_size,
+            "dataset_fingerprint": keyed_fingerprint(plan.key, plan.fingerprint),
         })
         # A resumed run may go on with other resumable settings (or, allowed, privacy settings): they are its config.
         write_json_atomic(os.path.join(cfg.output_dir, "config.json"), run_config(cfg, self.dataset))
