@@ -291,11 +291,13 @@ def test_bad_wrn_arguments_raise_value_error():
 
 @pytest.mark.parametrize("side", [64, 160])  # Tiny-ImageNet's and ImageNette's sizes in the official code
 def test_paper_model_is_equivariant_at_64_and_160_pixels(side):
+    # float64: the official model's single GroupNorm group spans every field of a 160-pixel map, and float32 sums
+    # over ~1.2M values in rotated order differ by ~5e-4 relative (rounding, not a broken symmetry).
     model = resnet9.equivariant_resnet9(group="D4", restrict="D2", head="paper", image_shape=(side, side, 3),
-                                        dtype="float32")
+                                        dtype="float64")
     names = models.stage_outputs(model) + ["head_pool"]
     run = _Cached(tf.keras.Model(model.input, [model.get_layer(name).output for name in names]))
-    x = rng.uniform(0.0, 255.0, size=(1, side, side, 3)).astype("float32")
+    x = rng.uniform(0.0, 255.0, size=(1, side, side, 3)).astype("float64")
     d4 = layers.get_group("D4")
     d2 = [int(e) for e in d4.subgroup_embedding("D2")]
     # The paper head's 2x2 average pool still ends on a 2x2 map: the pooling tiles the larger images exactly.
@@ -328,7 +330,7 @@ def test_models_take_any_channel_count_and_their_datasets_normalisation():
     model = models.build_model("eq_resnet9", group="C4", restrict=None, head="invariant", image_shape=(40, 40, 1),
                                num_classes=7, mean=(0.3,), std=(0.2,))
     f1 = resnet9.stage_fields(16, 4)
-    assert model.get_layer("stage1_conv").count_params() == 9 * 1 * f1 + f1
+    assert model.get_layer("stage1_conv").count_params() == 8 * 1 * f1 + f1  # official: 8 coefficients per channel
     assert model.output_shape == (None, 7)
     standardize = tf.keras.Model(model.input, model.get_layer("standardize").output)
     np.testing.assert_allclose(standardize(np.full((1, 40, 40, 1), 255 * 0.5, np.float32)).numpy(), 1.0, rtol=1e-5)
