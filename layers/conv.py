@@ -63,6 +63,20 @@ def standardization_vjp(weights, cotangents):
             - centred * along / (n * std * (std + STANDARDIZATION_EPSILON) ** 2))
 
 
+def coefficient_gradients(full_basis, weights, kernel_grads, weight_standardization):
+    """Per-example gradients of a layer's coefficients ``weights`` [D, C, F] from per-example gradients of its full
+    kernel [B, k, k, C * d_in, F * d_out], for any kernel that is ``full_basis`` [D, k*k, d_in, d_out] times the
+    (standardised) coefficients: one contraction (the expansion is linear), then the standardisation's Jacobian,
+    which every example shares."""
+    taps, d_in, d_out = full_basis.shape[1:]
+    grads = tf.reshape(tf.cast(kernel_grads, tf.float32),
+                       [-1, taps, weights.shape[1], d_in, weights.shape[2], d_out])
+    grads = tf.einsum("dpio,bpcifo->bdcf", tf.cast(full_basis, tf.float32), grads)
+    if weight_standardization:
+        grads = standardization_vjp(weights, grads)
+    return [(weights, tf.cast(grads, weights.dtype))]
+
+
 class _SteerableInitializer(tf.keras.initializers.Initializer):
     """escnn's generalised He initialisation of steerable coefficients ``[D, in, F]``: normal with a standard
     deviation per basis element (``steerable.he_init_std``). Built by the layer, never serialised (the layer's
@@ -225,14 +239,7 @@ class _GroupConvBase(BuiltKernelConv2D):
         linear, and every example shares the Jacobian."""
         if self._expanded_basis is None:
             return None
-        k, order = self.kernel_size, self.group.order
-        n_in = 1 if self._lifting else order
-        grads = tf.reshape(tf.cast(kernel_grads, tf.float32),
-                           [-1, k * k, self.kernel.shape[1], n_in, self.filters, order])
-        coefficient_grads = tf.einsum("dphg,bpchfg->bdcf", self._expanded_basis, grads)
-        if self.weight_standardization:
-            coefficient_grads = standardization_vjp(self.kernel, coefficient_grads)
-        return [(self.kernel, tf.cast(coefficient_grads, self.kernel.dtype))]
+        return coefficient_gradients(self._expanded_basis, self.kernel, kernel_grads, self.weight_standardization)
 
     @property
     def base_is_trainable_kernel(self):

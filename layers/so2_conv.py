@@ -19,7 +19,7 @@ from layers import _fields
 from layers import so2
 from layers import steerable
 from layers import steerable_so2
-from layers.conv import _SteerableInitializer, standardization_vjp, standardize_layer
+from layers.conv import _SteerableInitializer, coefficient_gradients, standardize_layer
 from layers.kernel_conv import BuiltKernelConv2D
 
 
@@ -91,13 +91,7 @@ class BandLimitedConv2D(BuiltKernelConv2D):
         (the expansion is linear), then, with ``weight_standardization``, the standardisation's vector-Jacobian
         product at this step's weights, which every example shares. (DP-SGD's per-example engine calls it instead
         of differentiating the whole expansion per example.)"""
-        d_in, d_out = so2.field_size(self.input_frequency), so2.field_size(self.frequency)
-        grads = tf.reshape(tf.cast(kernel_grads, tf.float32),
-                           [-1, self.kernel_size**2, self.kernel.shape[1], d_in, self.filters, d_out])
-        coefficient_grads = tf.einsum("dpio,bpcifo->bdcf", self._basis, grads)
-        if self.weight_standardization:
-            coefficient_grads = standardization_vjp(self.kernel, coefficient_grads)
-        return [(self.kernel, tf.cast(coefficient_grads, self.kernel.dtype))]
+        return coefficient_gradients(self._basis, self.kernel, kernel_grads, self.weight_standardization)
 
     def get_config(self):
         return {
