@@ -387,3 +387,28 @@ def test_round4_official_models_ablations_and_their_comparisons(study_tan_report
     numbers = set(re.findall(r"\d+\.\d", tables_text))
     for number in re.findall(r"\d+\.\d", findings):
         assert number in numbers, f"{number} in the findings is in no table"
+
+
+def test_round4_plots_draw_the_official_models_and_leave_the_ablations_to_the_tables(study_tan_report,
+                                                                                     study_tan_tables, monkeypatch):
+    no_ws = _official_record("eq_d4d2", accuracy=0.78)
+    no_ws["config"]["conv_weight_standardization"] = False
+    records = {"tan_eq_d4d2_eps8": _tan_record("eq_d4d2", accuracy=0.79),
+               "tan_off_eq_d4d2_eps8": _official_record("eq_d4d2", accuracy=0.81),
+               "tan_off_eq_d4d2_eps1": _official_record("eq_d4d2", epsilon=1.0, accuracy=0.6),
+               "tan_off_cnn_c1_eps8": _official_record("cnn_c1", accuracy=0.77),
+               "tan_off_eq_d4d2_no_ws_eps8": no_ws}
+    drawn = {}
+
+    def legend_only(plt, fig, ax, xlabel, title, filename):  # the labels drawn, instead of a file in docs/
+        drawn[filename] = ax.get_legend_handles_labels()[1]
+        plt.close(fig)
+        return filename
+
+    monkeypatch.setattr(study_tan_report, "_save", legend_only)
+    study_tan_report._plot(_configs(study_tan_report, study_tan_tables, records))
+    curves = " | ".join(drawn["accuracy_vs_step.png"])
+    assert "Official Equivariant ResNet-9 (D4→D2)" in curves and "without weight standardisation" not in curves
+    assert len(drawn["accuracy_vs_step.png"]) == 3  # dense D4->D2, official D4->D2, official C1
+    by_epsilon = drawn["accuracy_vs_epsilon.png"]
+    assert len(by_epsilon) == 3 and any(label.startswith("Official Equivariant") for label in by_epsilon)
