@@ -277,13 +277,13 @@ def _headline_cell(c):
 
 
 def headline_table(configs):
-    """The README's results: one row per model of the paper's comparison (the paper's recipe at the study's batch,
-    K = 1) and the fair WRN-16-4, mean and min-max over seeds per simulated epsilon. The fair WRN's recipe sets its
+    """The README's results: one row per model of the paper's comparison, official and dense variants (the paper's
+    recipe at the study's batch, K = 1) and the fair WRN-16-4, mean and min-max over seeds per simulated epsilon. The fair WRN's recipe sets its
     own epsilon: it stands in the nearest column, which says its epsilon when it rounds to another."""
     columns = ["simulated ε = 8" if eps == 8 else "no noise (σ = 0)" if eps is None else f"ε = {eps}"
                for eps in HEADLINE_EPSILONS]
     rows = []
-    for model in ("eq_d4d2", "cnn_c1"):
+    for model in ("eq_d4d2_official", "cnn_c1_official", "eq_d4d2", "cnn_c1"):  # the paper's own models first
         found = {eps: configs.get((model, PAPER_RECIPE, eps, TAN_BATCH, 1)) for eps in HEADLINE_EPSILONS}
         if any(found.values()):
             parameters = next(c for c in found.values() if c)["parameters"]

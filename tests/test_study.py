@@ -117,6 +117,16 @@ def _tan_record(model="cnn_c1", epsilon=8.0, batch=256, accuracy=0.6, views=1, s
     return {"config": config, "privacy": privacy, "metrics": metrics}
 
 
+OFFICIAL = {"model_variant": "official", "conv_basis": "steerable", "conv_weight_standardization": True,
+            "norm_group_rule": "official", "ema_updates_per_step": 16}
+
+
+def _official_record(model, **kwargs):
+    record = _tan_record(model, **kwargs)
+    record["config"].update(OFFICIAL)
+    return record
+
+
 def _build(study_tan_report, records, step_times=None):
     return study_tan_report.build(records, step_times or {})
 
@@ -251,6 +261,8 @@ def test_headline_table_shows_each_model_per_simulated_epsilon_with_its_seed_spr
                "tan_eq_d4d2_eps1": _tan_record("eq_d4d2", epsilon=1, accuracy=0.56),
                "tan_cnn_c1_eps8": _tan_record(accuracy=0.76),
                "tan_cnn_c1_sigma0": _tan_record(epsilon=None, accuracy=0.78),
+               "tan_off_eq_d4d2_eps8": _official_record("eq_d4d2", accuracy=0.81),
+               "tan_off_eq_d4d2_eps2": _official_record("eq_d4d2", epsilon=2, accuracy=0.70),
                # another batch: in the full tables only
                "tan_eq_d4d2_eps8_b64": _tan_record("eq_d4d2", batch=64, accuracy=0.70),
                "tan_wrn16_4_ws_tan_b128": _tan_record("wrn16_4_ws", epsilon=7.1, batch=128, accuracy=0.73,
@@ -258,6 +270,7 @@ def test_headline_table_shows_each_model_per_simulated_epsilon_with_its_seed_spr
     headline = _build(study_tan_report, records).headline
     rows = [line for line in headline.splitlines() if line.startswith("| ")][1:]
     assert rows == [
+        "| Official Equivariant ResNet-9 (D4→D2) | 255,675 | 81.0% (1 seed) | 70.0% (1 seed) | – | – |",
         "| Equivariant ResNet-9 (D4→D2), dense variant | 287,413 | 79.2% (79.0–79.4, 2 seeds) | – | 56.0% (1 seed) | – |",
         "| ResNet-9, trivial group (ordinary CNN), dense variant | 229,784 | 76.0% (1 seed) | – | – | 78.0% (1 seed) |",
         "| WRN-16-4 (weight-standardised), its authors' recipe | 2,753,402 | 73.0% (1 seed) at ε = 7.10 "
@@ -345,16 +358,6 @@ def test_a_wrn_record_counts_the_parameters_of_the_model_it_trained(study_record
     assert study_records._parameter_count(old) == 2_748_890
     assert study_records._parameter_count(dict(old, wrn_weight_standardization=True)) == 2_753_402
     assert study_records._parameter_count(dict(old, wrn_weight_standardization=False)) == 2_748_890
-
-
-OFFICIAL = {"model_variant": "official", "conv_basis": "steerable", "conv_weight_standardization": True,
-            "norm_group_rule": "official", "ema_updates_per_step": 16}
-
-
-def _official_record(model, **kwargs):
-    record = _tan_record(model, **kwargs)
-    record["config"].update(OFFICIAL)
-    return record
 
 
 def test_round4_official_models_ablations_and_their_comparisons(study_tan_report, study_tan_tables):
