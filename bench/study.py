@@ -3,7 +3,8 @@
     python bench/study.py list                    # the runs of every batch and their flags
     python bench/study.py run eps8                # train one batch of runs (resumable: rerun to continue)
     python bench/study.py run tan                 # the paper's regime, TAN-simulated, batch by batch
-    python bench/study.py run round4              # its round 4 (the official model, issue 39) only
+    python bench/study.py run round4              # its round 4 (the official model, issue 39) only, one
+                                                  # D4->D2 run and one C1 run in turn (a session's worth)
     python bench/study.py report                  # tables, findings and plots from the committed records only
 
 Parts: this file is the command line and the runner; ``study_plan.py`` the runs and their flags;
@@ -27,7 +28,7 @@ import sys
 import time
 
 # bench/ is on the path when this runs as a script; the study's parts sit beside it.
-from study_plan import BATCHES, ROUND4_ORDER, TAN_BATCHES, TAN_ORDER, batch_runs, run_flags
+from study_plan import BATCHES, ROUND4_RUNS, TAN_BATCHES, TAN_ORDER, batch_runs, run_flags
 from study_records import (DEFAULT_DATA_DIR, RECORDS_DIR, REPO_ROOT, TAN_RECORDS_DIR, keep_records, load_records,
                            note_machine, read_jsonl)
 from study_report import report_first_study
@@ -53,7 +54,7 @@ def _recorded(name, steps):
 
 def run_batch(batch, runs_dir, data_dir):
     if batch in ("tan", "round4"):
-        for each in TAN_ORDER if batch == "tan" else ROUND4_ORDER:
+        for each in TAN_ORDER if batch == "tan" else ROUND4_RUNS:
             run_batch(each, runs_dir, data_dir)
         return
     all_runs = {name for runs in {**BATCHES, **TAN_BATCHES}.values() for name in runs}
@@ -98,7 +99,8 @@ def main(argv=None):
     sub.add_parser("list", help="show the batches, runs and flags")
     run = sub.add_parser("run", help="train one batch of runs (resumable)")
     run.add_argument("batch", help="a batch of runs (see 'list'), one run by name, 'tan': every paper-regime "
-                                   "batch in order, or 'round4': round 4's batches in order")
+                                   "batch in order, or 'round4': round 4's runs, an official D4->D2 and an "
+                                   "official C1 in turn")
     run.add_argument("--runs-dir", default=os.path.join(REPO_ROOT, "runs", "study"),
                      help="where the full run folders go (checkpoints; not committed)")
     run.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with cifar-10-batches-bin")

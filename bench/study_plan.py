@@ -3,6 +3,8 @@
 Nothing here trains or reads results; ``study.py`` runs these, ``study_records.py`` keeps what they leave.
 """
 
+import itertools
+
 # The shared budget: 1024 x 160 x 1 = 163,840 views per run (~3.3 epochs).
 COMMON_FLAGS = [
     "--batch_size=1024",
@@ -213,6 +215,22 @@ TAN_BATCHES = {
 }
 ROUND4_ORDER = ("r4_eps8_first", "r4_cnn_eps8", "r4_eq_eps8_seeds", "r4_ablation", "r4_eps1", "r4_eps2",
                 "r4_noiseless")
+
+
+def _one_of_each(batches):
+    """The batches' runs, the official D4->D2 runs and the official C1 runs each in the batches' order, taken in
+    turn. A 3-hour session here fits one D4->D2 run (~2 h 10 min on two cores) and one C1 run (~40 min); the batches
+    in order would leave a batch's C1 runs to sessions of their own, and a run unfinished at a session's end is lost
+    when the next session is on a new machine."""
+    names = [name for batch in batches for name in TAN_BATCHES[batch]]
+    eq, cnn = [n for n in names if "_eq_" in n], [n for n in names if "_cnn_" in n]
+    if len(eq) + len(cnn) != len(names):
+        raise ValueError(f"a round-4 run is neither D4->D2 nor C1: {sorted(set(names) - set(eq) - set(cnn))}")
+    return tuple(name for pair in itertools.zip_longest(eq, cnn) for name in pair if name is not None)
+
+
+# The order in which `run round4` takes its runs (each resumable, finished runs skipped).
+ROUND4_RUNS = _one_of_each(ROUND4_ORDER)
 
 
 def _override(flags, **values):

@@ -299,6 +299,19 @@ def test_results_page_and_readme_match_committed_paper_regime_records(study_reco
             assert simulated["epsilon"] <= float(config["target_epsilon"]) + 1e-9
 
 
+def test_round4_takes_every_run_once_a_d4d2_and_a_c1_run_in_turn(study_plan):
+    # A session fits one official D4->D2 run and one official C1 run: `run round4` alternates them.
+    batches = [name for batch in study_plan.ROUND4_ORDER for name in study_plan.TAN_BATCHES[batch]]
+    order = study_plan.ROUND4_RUNS
+    assert sorted(order) == sorted(batches) and len(order) == 20
+    assert order[:4] == ("tan_off_eq_d4d2_eps8", "tan_off_cnn_c1_eps8", "tan_off_eq_d4d2_eps8_s1",
+                         "tan_off_cnn_c1_eps8_s1")
+    cnn = [i for i, name in enumerate(order) if "_cnn_" in name]
+    assert cnn == list(range(1, 2 * len(cnn), 2))  # every other run while C1 runs remain
+    eq = [name for name in order if "_eq_" in name]
+    assert eq == [name for name in batches if "_eq_" in name]  # the order among the D4->D2 runs
+
+
 def test_paper_regime_runs_share_steps_and_simulated_batch(study_plan):
     views_per_step = set()
     for batch, runs in study_plan.TAN_BATCHES.items():
