@@ -5,7 +5,7 @@ manual (tables and findings) and the README (the headline table)."""
 import collections
 import os
 
-from study_plan import MODEL_LABELS, PAPER_BATCH, TAN_BATCH, TAN_BATCHES
+from study_plan import MODEL_LABELS, PAPER_BATCH, ROUND4_RUNS, TAN_BATCH, TAN_BATCHES
 from study_records import README, RESULTS_PAGE, STUDY_DIR, TAN_DIR, summarise
 from study_report import PUBLISHED, markdown, save_plot, update_block, write_results
 from study_run_notes import MACHINE_FROM_SESSION_LOG, SHARED_CPU
@@ -71,20 +71,22 @@ def findings(configs, comps, published_rows, time_rows, target):
     parts = [f"at simulated ε = {eps} it {_lead(by_what[what], 'the ordinary CNN')}" for eps in (8, 2, 1)
              for what in [f"equivariant vs ordinary CNN, simulated ε = {eps}"] if what in by_what]
     if parts:
-        paragraphs.append("**Equivariant (D4→D2) vs ordinary CNN**, trained alike: " + "; ".join(parts) + ".")
+        paragraphs.append("**Equivariant (D4→D2) vs ordinary CNN, dense variants**, trained alike: " + "; ".join(parts)
+                          + ".")
     fair = tables.fair_wrn_key(configs)
     if fair is None:
         paragraphs.append("**WRN-16-4 with its authors' recipe** has not finished yet, so the study does not yet say "
                           "whether the equivariant model beats a fair WRN-16-4; the WRN-16-4 run with the paper's "
                           "optimiser is untuned for it and no conclusion rests on it.")
     else:
-        c = by_what[f"{MODEL_LABELS['eq_d4d2']} (ε 8) vs WRN-16-4 with its authors' recipe"]
+        c = by_what.get(f"{MODEL_LABELS['eq_d4d2']} (ε 8) vs WRN-16-4 with its authors' recipe")
         eps = configs[fair]["simulated_epsilon"]
         budget = ("" if round(eps, 1) == 8 else f" Its recipe's σ and steps give simulated ε = {eps:.2f} by our "
                   f"accountant, {'a stricter' if eps < 8 else 'a looser'} budget than the 8 it is compared at.")
         paragraphs.append(f"**WRN-16-4 with its authors' recipe** ({tables.label(fair)}) reached "
-                          f"{configs[fair]['mean']:.1f}%: the equivariant model at simulated ε = 8 {_lead(c, 'it')}."
-                          + budget)
+                          f"{configs[fair]['mean']:.1f}%" + ("." if c is None else
+                                                            f": the dense equivariant model at simulated ε = 8 "
+                                                            f"{_lead(c, 'it')}.") + budget)
     k4 = [c for c in comps if c["what"].startswith("K = 4 vs K = 1")]
     if k4:
         paragraphs.append("**The paper's K = 4 views** against K = 1 at the same B = 64: " + "; ".join(
@@ -104,21 +106,23 @@ def findings(configs, comps, published_rows, time_rows, target):
         eq, wrn = reach["eq_d4d2"], reach[fair[0]]
         plain = [r["reach_hours_nonprivate_step"] for r in (eq, wrn)]
         paragraphs.append(f"**Compute** (DP-step time per view measured side by side on one CPU): reaching the fair "
-                          f"WRN-16-4's final {target:.1f}% takes the equivariant model {eq['reach_hours']:.0f} "
+                          f"WRN-16-4's final {target:.1f}% takes the dense equivariant model {eq['reach_hours']:.0f} "
                           f"CPU-hours at full scale against WRN-16-4's {wrn['reach_hours']:.0f} "
                           f"({_saving(eq['reach_hours'], wrn['reach_hours'])})"
-                          + (f"; the ordinary CNN, {reach['cnn_c1']['reach_hours']:.0f}" if "cnn_c1" in reach else "")
+                          + (f"; the dense ordinary CNN, {reach['cnn_c1']['reach_hours']:.0f}" if "cnn_c1" in reach
+                             else "")
                           + ". The paper claims more than 85% less."
                           + ("" if None in plain else
                              f" At each model's non-private step time (without what our DP step adds to each "
                              f"model), {plain[0]:.0f} against {plain[1]:.0f} CPU-hours ({_saving(*plain)})."))
-    paragraphs += round4_findings(configs, by_what)
+    paragraphs += round4_findings(configs, by_what, reach, target)
     return "\n\n".join(paragraphs)
 
 
-def round4_findings(configs, by_what):
-    """Round 4 (issue 39), from the tables: the official model against the state of the art, against the ordinary
-    CNN trained alike, and what each of its ingredients brings."""
+def round4_findings(configs, by_what, reach=None, target=None):
+    """Round 4 (issue 39), from the tables: the official model against the state of the art, the fair WRN-16-4 and
+    the ordinary CNN trained alike, what each of its ingredients brings, and its compute (``reach``: the compute
+    table's rows by model that reach the fair WRN's final accuracy ``target``)."""
     eq = "eq_d4d2_official"
     paragraphs = []
     headline = configs.get((eq, tables.PAPER_RECIPE, 8, TAN_BATCH, 1))
@@ -136,6 +140,10 @@ def round4_findings(configs, by_what):
     if against:
         paragraphs.append("Against De et al.'s WRN-16-4 recipe as re-run by Bao & Bindschaedler (full scale, "
                           "3 seeds): " + "; ".join(against) + ".")
+    wrn = by_what.get(f"{MODEL_LABELS[eq]} (ε 8) vs WRN-16-4 with its authors' recipe")
+    if wrn is not None:
+        paragraphs.append(f"Against WRN-16-4 with its authors' recipe (trained here, {wrn['b']['mean']:.1f}%), the "
+                          f"official model at simulated ε = 8 {_lead(wrn, 'it')}.")
     versus = [f"at simulated ε = {eps} it {_lead(c, 'the official ordinary CNN')}" for eps in (8, 2, 1)
               for c in [by_what.get(f"official: equivariant vs ordinary CNN, simulated ε = {eps}")] if c]
     if versus:
@@ -148,6 +156,13 @@ def round4_findings(configs, by_what):
                           "with one ingredient reverted; one seed each unless said): " + "; ".join(
                               f"{MODEL_LABELS[c['b']['key'][0]]}: {c['delta']:+.1f} points ({_verdict(c)})"
                               for c in ablations) + f". The largest: {MODEL_LABELS[ablations[0]['b']['key'][0]]}.")
+    reach = reach or {}
+    wrn_key = tables.fair_wrn_key(configs)
+    if eq in reach and wrn_key is not None and wrn_key[0] in reach:
+        ours, theirs = reach[eq]["reach_hours"], reach[wrn_key[0]]["reach_hours"]
+        paragraphs.append(f"**Its compute**: reaching the fair WRN-16-4's final {target:.1f}% takes the official "
+                          f"model {ours:.0f} CPU-hours at full scale against WRN-16-4's {theirs:.0f} "
+                          f"({_saving(ours, theirs)}; the paper claims more than 85% less).")
     return paragraphs
 
 
@@ -240,11 +255,16 @@ def build(records, step_times):
         f"(fp32, XLA off, B = {timing['batch']}) of each model, measured side by side on one CPU ({timing['cpu']}, "
         f"{timing['started']}; `{timing.get('command') or TIMING_COMMAND}`).",
     ])
-    missing = [name for runs in TAN_BATCHES.values() for name in runs if name not in records]
+    missing = [name for runs in TAN_BATCHES.values() for name in runs
+               if name not in records and name not in ROUND4_RUNS]
+    missing_round4 = [name for name in ROUND4_RUNS if name not in records]
     findings_text = "\n\n".join(
         [findings(configs, comps, published_rows, time_rows, target)] +
         ([f"Not run yet (`python bench/study.py run tan` continues where it stopped): "
           f"{', '.join(f'`{name}`' for name in missing)}."] if missing else []) +
+        ([f"Round 4, not run yet ({len(missing_round4)} of {len(ROUND4_RUNS)}; `python bench/study.py run round4` "
+          f"takes them in this order): {', '.join(f'`{name}`' for name in missing_round4)}."]
+         if missing_round4 else []) +
         ["Every run here is a TAN simulation: its own ε (in RESULTS.md) is its only guarantee; the simulated ε is "
          "that of the full-batch run it stands for, which was not trained."])
     results = "\n\n".join([

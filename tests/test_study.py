@@ -214,7 +214,7 @@ def test_the_fair_wrn_is_compared_the_untuned_one_only_listed(study_tan_report, 
     comps = {c["what"]: c for c in study_tan_tables.comparisons(configs)}
     assert comps["Equivariant ResNet-9 (D4→D2), dense variant (ε 8) vs WRN-16-4 with its authors' recipe"]["delta"] == 9.0
     findings = _build(study_tan_report, records)[1]
-    assert "reached 70.0%: the equivariant model at simulated ε = 8 beats it by 9.0 points" in findings
+    assert "reached 70.0%: the dense equivariant model at simulated ε = 8 beats it by 9.0 points" in findings
     assert "55.8" not in findings
 
 
@@ -252,6 +252,26 @@ def test_time_to_accuracy_reads_the_curves_and_the_side_by_side_step_times(study
     rows, target = study_tan_tables.time_to_accuracy(configs, times)
     findings = study_tan_report.findings(configs, study_tan_tables.comparisons(configs), [], rows, target)
     assert "non-private step time" not in findings
+
+
+def test_round4_findings_set_the_official_model_against_the_fair_wrn_and_give_its_compute(study_tan_report,
+                                                                                          study_tan_tables):
+    records = {"tan_off_eq_d4d2_eps8": _official_record("eq_d4d2", accuracy=0.80),
+               "tan_wrn16_4_ws_tan_b128": _tan_record("wrn16_4_ws", epsilon=7.1, batch=128, accuracy=0.60,
+                                                      recipe=TAN_WRN, simulated_batch=4096)}
+    times = {"eq_d4d2_official": {"seconds_per_view": 0.01, "macs_per_view": 2e8, "batch": 128, "cpu": "X",
+                                  "started": "t"},
+             "wrn16_4_ws": {"seconds_per_view": 0.02, "macs_per_view": 4e8, "batch": 128, "cpu": "X",
+                            "started": "t"}}
+    findings = _build(study_tan_report, records, times)[1]
+    assert ("Against WRN-16-4 with its authors' recipe (trained here, 60.0%), the official model at simulated "
+            "ε = 8 beats it by 20.0 points") in findings
+    hours = (0.75 * 2160 * 8192 * 0.01 / 3600, 2500 * 4096 * 0.02 / 3600)  # 60% reached at 75% of its steps
+    assert (f"takes the official model {hours[0]:.0f} CPU-hours at full scale against WRN-16-4's {hours[1]:.0f} "
+            f"({100 * (1 - hours[0] / hours[1]):.0f}% less; the paper claims more than 85% less)") in findings
+    # without the official model's step time, no compute sentence about it
+    del times["eq_d4d2_official"]
+    assert "**Its compute**" not in _build(study_tan_report, records, times)[1]
 
 
 def test_headline_table_shows_each_model_per_simulated_epsilon_with_its_seed_spread(study_tan_report,
@@ -362,7 +382,11 @@ def test_not_yet_run_lists_what_the_plan_has_and_the_records_lack(study_plan, st
     findings = _build(study_tan_report, {"tan_cnn_c1_eps8": _tan_record()})[1]
     not_run = next(p for p in findings.split("\n\n") if p.startswith("Not run yet"))
     assert "`tan_cnn_c1_eps8`" not in not_run and "`tan_wrn16_4_ws_tan_b128`" in not_run
-    assert "`tan_eq_d4d2_eps8_s1`" in not_run
+    assert "`tan_eq_d4d2_eps8_s1`" in not_run and "tan_off_" not in not_run  # round 4 has its own list
+    records = {"tan_off_eq_d4d2_eps8": _official_record("eq_d4d2", accuracy=0.8)}
+    round4 = next(p for p in _build(study_tan_report, records)[1].split("\n\n") if p.startswith("Round 4, not"))
+    assert "(19 of 20;" in round4 and "`tan_off_eq_d4d2_eps8`" not in round4
+    assert round4.index("`tan_off_cnn_c1_eps8`") < round4.index("`tan_off_eq_d4d2_eps8_s1`")  # the order it runs
 
 
 def test_a_wrn_record_counts_the_parameters_of_the_model_it_trained(study_records):
