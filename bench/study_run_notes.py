@@ -58,14 +58,15 @@ SHARED_CPU = {
     "tan_eq_d4d2_eps1_s2": "shared the two cores with about a minute of low-priority (nice 19) report rebuild, study "
                            "tests and a duplicate-code check in its first 14 minutes (views/s and wall time understate "
                            "its speed alone, slightly)",
-    "tan_off_eq_d4d2_eps8": "shared the two cores with about 30 CPU-seconds of low-priority (nice 19) study tests "
-                            "and report rebuilds in its first 15 minutes (views/s and wall time understate its speed "
-                            "alone, slightly). Its first process, started the session before on another machine, was "
-                            "ended at step ~1000 by the end of that session; its folder did not survive the change "
-                            "of machine, so the run restarted from step 0 with the same seeds. That session's closing "
-                            "note quoted the first process's EMA test accuracies at steps 216/432/648/864 (55.3 / "
-                            "68.4 / 73.0 / 75.6%); this run's were 54.7% at step 216 (float rounding on another CPU "
-                            "takes the same seeds elsewhere). The record and its ε are this run's alone",
+    "tan_off_eq_d4d2_eps8": "shared the two cores with about a minute of a micro-benchmark in its 16th minute and "
+                            "about 5 CPU-minutes of low-priority (nice 19) study tests and report rebuilds over its "
+                            "first hour (views/s and wall time understate its speed alone, slightly). Its first "
+                            "process, started the session before on another machine, was ended at step ~1000 by the "
+                            "end of that session; its folder did not survive the change of machine, so the run "
+                            "restarted from step 0 with the same seeds. That session's closing note quoted the first "
+                            "process's EMA test accuracies at steps 216/432/648/864 (55.3 / 68.4 / 73.0 / 75.6%); "
+                            "this run's were 54.7 / 67.6 / 73.1 / 75.7% (float rounding on another CPU takes the same "
+                            "seeds elsewhere). The record and its ε are this run's alone",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
