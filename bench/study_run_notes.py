@@ -67,6 +67,8 @@ SHARED_CPU = {
                             "process's EMA test accuracies at steps 216/432/648/864 (55.3 / 68.4 / 73.0 / 75.6%); "
                             "this run's were 54.7 / 67.6 / 73.1 / 75.7% (float rounding on another CPU takes the same "
                             "seeds elsewhere). The record and its ε are this run's alone",
+    "tan_off_cnn_c1_eps8": "shared the two cores with about two minutes of a report rebuild and study tests in its "
+                           "5th and 6th minutes (views/s and wall time understate its speed alone, slightly)",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
