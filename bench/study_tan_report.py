@@ -105,24 +105,23 @@ def findings(configs, comps, published_rows, time_rows, target):
     if fair is not None and "eq_d4d2" in reach and fair[0] in reach:
         eq, wrn = reach["eq_d4d2"], reach[fair[0]]
         plain = [r["reach_hours_nonprivate_step"] for r in (eq, wrn)]
-        paragraphs.append(f"**Compute** (DP-step time per view measured side by side on one CPU): reaching the fair "
-                          f"WRN-16-4's final {target:.1f}% takes the dense equivariant model {eq['reach_hours']:.0f} "
-                          f"CPU-hours at full scale against WRN-16-4's {wrn['reach_hours']:.0f} "
-                          f"({_saving(eq['reach_hours'], wrn['reach_hours'])})"
+        paragraphs.append("**Compute** (DP-step time per view measured side by side on one CPU): "
+                          + _reach_text(target, "the dense equivariant model", eq["reach_hours"], wrn["reach_hours"])
+                          + ")"
                           + (f"; the dense ordinary CNN, {reach['cnn_c1']['reach_hours']:.0f}" if "cnn_c1" in reach
                              else "")
                           + ". The paper claims more than 85% less."
                           + ("" if None in plain else
                              f" At each model's non-private step time (without what our DP step adds to each "
                              f"model), {plain[0]:.0f} against {plain[1]:.0f} CPU-hours ({_saving(*plain)})."))
-    paragraphs += round4_findings(configs, by_what, reach, target)
+    paragraphs += round4_findings(configs, by_what, fair, reach, target)
     return "\n\n".join(paragraphs)
 
 
-def round4_findings(configs, by_what, reach=None, target=None):
+def round4_findings(configs, by_what, fair=None, reach=None, target=None):
     """Round 4 (issue 39), from the tables: the official model against the state of the art, the fair WRN-16-4 and
-    the ordinary CNN trained alike, what each of its ingredients brings, and its compute (``reach``: the compute
-    table's rows by model that reach the fair WRN's final accuracy ``target``)."""
+    the ordinary CNN trained alike, what each of its ingredients brings, and its compute (``fair``: the fair
+    WRN-16-4's key; ``reach``: the compute table's rows by model that reach its final accuracy ``target``)."""
     eq = "eq_d4d2_official"
     paragraphs = []
     headline = configs.get((eq, tables.PAPER_RECIPE, 8, TAN_BATCH, 1))
@@ -157,13 +156,17 @@ def round4_findings(configs, by_what, reach=None, target=None):
                               f"{MODEL_LABELS[c['b']['key'][0]]}: {c['delta']:+.1f} points ({_verdict(c)})"
                               for c in ablations) + f". The largest: {MODEL_LABELS[ablations[0]['b']['key'][0]]}.")
     reach = reach or {}
-    wrn_key = tables.fair_wrn_key(configs)
-    if eq in reach and wrn_key is not None and wrn_key[0] in reach:
-        ours, theirs = reach[eq]["reach_hours"], reach[wrn_key[0]]["reach_hours"]
-        paragraphs.append(f"**Its compute**: reaching the fair WRN-16-4's final {target:.1f}% takes the official "
-                          f"model {ours:.0f} CPU-hours at full scale against WRN-16-4's {theirs:.0f} "
-                          f"({_saving(ours, theirs)}; the paper claims more than 85% less).")
+    if eq in reach and fair is not None and fair[0] in reach:
+        paragraphs.append("**Its compute**: " + _reach_text(target, "the official model", reach[eq]["reach_hours"],
+                                                            reach[fair[0]]["reach_hours"])
+                          + "; the paper claims more than 85% less).")
     return paragraphs
+
+
+def _reach_text(target, model, ours, theirs):
+    """The compute sentence both rounds word alike; it leaves its parenthesis open for what follows."""
+    return (f"reaching the fair WRN-16-4's final {target:.1f}% takes {model} {ours:.0f} CPU-hours at full scale "
+            f"against WRN-16-4's {theirs:.0f} ({_saving(ours, theirs)}")
 
 
 def _saving(ours, theirs):
