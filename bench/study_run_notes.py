@@ -72,10 +72,11 @@ SHARED_CPU = {
     "tan_off_eq_d4d2_eps8_s1": "shared the two cores with a fresh-clone install of the test extras and about 4 "
                                "CPU-minutes of low-priority (nice 19) tests and report rebuilds in its first 15 "
                                "minutes (views/s and wall time understate its speed alone, slightly). Apart from "
-                               "that, the same machine ran it about a quarter slower than seed 0 the session before "
-                               "(60 against 80 views/s at step 200, nothing else of ours running): the host's load, "
-                               "which we do not see. Its first process, started the session before, was ended before "
-                               "its first step",
+                               "that, the same machine ran its first hour about a quarter slower than seed 0 the "
+                               "session before (60 against 80 views/s at step 200, nothing else of ours running: the "
+                               "host's load, which we do not see) and the rest at seed 0's speed: 8,243 s in all "
+                               "against 7,587. Its first process, started the session before, was ended before its "
+                               "first step",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
