@@ -80,7 +80,7 @@ sys.path.insert(0, 'bench')
 from absl import flags
 import eqdp_tf.config as c
 import study_plan
-from eqdp_tf.training.plan import DATASET_KEY
+from eqdp_tf.training.plan import saved_flags
 c.define_flags()
 out = {}
 for path in sorted(glob.glob('docs/study/**/config.json', recursive=True)):
@@ -88,9 +88,7 @@ for path in sorted(glob.glob('docs/study/**/config.json', recursive=True)):
     flags.FLAGS.unparse_flags()
     flags.FLAGS(['train.py', *study_plan.run_flags(name)])
     with open(path) as f:
-        saved = json.load(f)
-    saved.pop(DATASET_KEY, None)  # a record of the data, not a flag: a resume does not compare it either
-    out[name] = c.config_from_flags().differences(saved)
+        out[name] = c.config_from_flags().differences(saved_flags(json.load(f)))  # as a resume compares them
 print(json.dumps(out))
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)

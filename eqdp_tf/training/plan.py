@@ -101,6 +101,12 @@ def run_config(cfg, dataset=None):
     return {**cfg.to_json(), **({DATASET_KEY: dataset.to_json()} if dataset is not None else {})}
 
 
+def saved_flags(saved):
+    """The flags of a saved config.json (``run_config``'s), without the dataset's description: what a resume
+    compares."""
+    return {k: v for k, v in saved.items() if k != DATASET_KEY}
+
+
 def prepare_output_dir(cfg, dataset=None):
     """Creates the run folder, or checks that an existing one holds this same run (then it resumes).
 
@@ -133,7 +139,7 @@ def prepare_output_dir(cfg, dataset=None):
 
 def _check_same_run(cfg, saved):
     """The privacy settings changed since the saved config; refuses any other difference."""
-    saved = {k: v for k, v in saved.items() if k != DATASET_KEY}
+    saved = saved_flags(saved)
     diffs = cfg.differences(saved)
     changes = cfg.privacy_differences(saved)
     if set(diffs) - set(changes):
