@@ -107,7 +107,6 @@ def findings(configs, comps, published_rows, time_rows, target):
         plain = [r["reach_hours_nonprivate_step"] for r in (eq, wrn)]
         paragraphs.append("**Compute** (DP-step time per view measured side by side on one CPU): "
                           + _reach_text(target, "the dense equivariant model", eq["reach_hours"], wrn["reach_hours"])
-                          + ")"
                           + (f"; the dense ordinary CNN, {reach['cnn_c1']['reach_hours']:.0f}" if "cnn_c1" in reach
                              else "")
                           + ". The paper claims more than 85% less."
@@ -158,15 +157,15 @@ def round4_findings(configs, by_what, fair=None, reach=None, target=None):
     reach = reach or {}
     if eq in reach and fair is not None and fair[0] in reach:
         paragraphs.append("**Its compute**: " + _reach_text(target, "the official model", reach[eq]["reach_hours"],
-                                                            reach[fair[0]]["reach_hours"])
-                          + "; the paper claims more than 85% less).")
+                                                            reach[fair[0]]["reach_hours"],
+                                                            aside="; the paper claims more than 85% less") + ".")
     return paragraphs
 
 
-def _reach_text(target, model, ours, theirs):
-    """The compute sentence both rounds word alike; it leaves its parenthesis open for what follows."""
+def _reach_text(target, model, ours, theirs, aside=""):
+    """The compute sentence both rounds word alike (``aside`` goes inside its parenthesis, after the saving)."""
     return (f"reaching the fair WRN-16-4's final {target:.1f}% takes {model} {ours:.0f} CPU-hours at full scale "
-            f"against WRN-16-4's {theirs:.0f} ({_saving(ours, theirs)}")
+            f"against WRN-16-4's {theirs:.0f} ({_saving(ours, theirs)}{aside})")
 
 
 def _saving(ours, theirs):
