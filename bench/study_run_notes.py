@@ -77,6 +77,12 @@ SHARED_CPU = {
                                "host's load, which we do not see) and the rest at seed 0's speed: 8,243 s in all "
                                "against 7,587. Its first process, started the session before, was ended before its "
                                "first step",
+    "tan_off_cnn_c1_eps8_s1": "shared the two cores with a few CPU-minutes of low-priority (nice 19) tests, report "
+                              "rebuilds and a duplicate-code check in its first 12 minutes (views/s and wall time "
+                              "understate its speed alone, slightly). Its first process was ended at step 569 by the "
+                              "end of a session; it resumed from its checkpoint at step 540 on the same machine in "
+                              "the next session, and steps 541-569, never released, were taken again and are not "
+                              "counted",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
