@@ -83,6 +83,9 @@ SHARED_CPU = {
                               "end of a session; it resumed from its checkpoint at step 540 on the same machine in "
                               "the next session, and steps 541-569, never released, were taken again and are not "
                               "counted",
+    "tan_off_eq_d4d2_eps8_s2": "shared the two cores with about 2 CPU-minutes of low-priority (nice 19) report "
+                               "rebuilds and study tests in its first 3 minutes (views/s and wall time understate its "
+                               "speed alone, slightly)",
 }
 # Records made before runs noted their machine (machine.jsonl); set by hand from the session's log, for the runs
 # whose machine is known. Runs in neither place show "not recorded".
